@@ -1,0 +1,120 @@
+"""Process-group set-up and the few collective helpers the trainer needs.
+
+Launch modes (``init_distributed_mode``):
+- ``torchrun --nproc_per_node N main_ibot.py ...`` (or any launcher setting ``RANK``/``WORLD_SIZE``/
+  ``LOCAL_RANK``): NCCL on GPUs, gloo on CPU; multi-node with ``--nnodes``/``--node_rank``.
+- SLURM (``srun``, ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``): same, with ``MASTER_ADDR``/
+  ``MASTER_PORT`` taken from the environment (the official code never set the world size here).
+- plain ``python main_ibot.py``: one process, no process group (every helper below works without
+  one); the GPU if there is one, else the CPU.
+"""
+import builtins
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist_avail_and_initialized():
+    """True when a process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    """Rank of this process (0 without a process group)."""
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def save_on_master(*args, **kwargs):
+    """``torch.save`` on rank 0 only."""
+    if is_main_process():
+        torch.save(*args, **kwargs)
+
+
+def setup_for_distributed(is_master):
+    """Silence ``print`` on non-master ranks (``print(..., force=True)`` still prints)."""
+    builtin_print = builtins.print
+
+    def print(*args, **kwargs):  # noqa: A001 - deliberately shadows the builtin, as the official code does
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print
+
+
+def _env_int(name, default=None):
+    value = os.environ.get(name)
+    return default if value is None else int(value)
+
+
+def init_distributed_mode(args):
+    """Set ``args.rank``, ``args.world_size``, ``args.gpu``, ``args.distributed`` and ``args.device``.
+
+    Initialises a process group only when a launcher asked for several processes (or set ``RANK``).
+    ``args.gpu`` is the local CUDA index, or -1 on CPU.
+    """
+    use_cuda = torch.cuda.is_available()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = _env_int("RANK")
+        args.world_size = _env_int("WORLD_SIZE")
+        local_rank = _env_int("LOCAL_RANK", 0)
+    elif "SLURM_PROCID" in os.environ and _env_int("SLURM_NTASKS", 1) > 1:
+        args.rank = _env_int("SLURM_PROCID")
+        args.world_size = _env_int("SLURM_NTASKS")
+        local_rank = _env_int("SLURM_LOCALID", args.rank % max(torch.cuda.device_count(), 1))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(args.rank), str(args.world_size)
+        os.environ["LOCAL_RANK"] = str(local_rank)
+    else:
+        args.rank, args.world_size, local_rank = 0, 1, 0
+
+    args.gpu = local_rank if use_cuda else -1
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = torch.device("cuda", args.gpu)
+    else:
+        args.device = torch.device("cpu")
+    args.distributed = args.world_size > 1 or "RANK" in os.environ
+    if not args.distributed:
+        print("Will run the code on one " + ("GPU." if use_cuda else "CPU process."))
+        setup_for_distributed(True)
+        return
+
+    backend = "nccl" if use_cuda else "gloo"
+    kwargs = dict(backend=backend, init_method=getattr(args, "dist_url", "env://"),
+                  world_size=args.world_size, rank=args.rank, timeout=datetime.timedelta(minutes=30))
+    if use_cuda:
+        kwargs["device_id"] = args.device
+    dist.init_process_group(**kwargs)
+    print(f"| distributed init (rank {args.rank}, {backend}): {kwargs['init_method']}", flush=True)
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def all_reduce_sum(tensor):
+    """In-place SUM all-reduce (no-op without a process group); returns the tensor."""
+    if is_dist_avail_and_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@torch.no_grad()
+def concat_all_gather(tensor):
+    """Gather ``tensor`` (same shape on every rank) from all ranks and concatenate along dim 0."""
+    if not is_dist_avail_and_initialized():
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
