@@ -1,0 +1,1 @@
+"""Semi-supervised (1%/10% ImageNet) fine-tuning (spec section 2.7)."""
