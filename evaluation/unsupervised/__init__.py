@@ -1,0 +1,1 @@
+"""Unsupervised classification (official ``evaluation/unsupervised``)."""
