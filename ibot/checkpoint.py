@@ -58,3 +58,50 @@ def atomic_save(obj, path):
             raise OSError(err.errno, f"could not write checkpoint {path} ({err.strerror}); "
                                      f"the previous file at that path, if any, is intact") from err
         raise
+
+
+def _match_prefix(state_dict, model):
+    """Add or strip a leading ``module.`` so that ``state_dict`` keys match ``model`` (DDP or not)."""
+    model_keys = list(model.state_dict().keys())
+    if not model_keys or not state_dict:
+        return state_dict
+    model_ddp = model_keys[0].startswith("module.")
+    ckpt_ddp = next(iter(state_dict)).startswith("module.")
+    if ckpt_ddp and not model_ddp:
+        return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+    if model_ddp and not ckpt_ddp:
+        return {"module." + k: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def restart_from_checkpoint(ckp_path, run_variables=None, **kwargs):
+    """Official resume helper, with safe loading: load ``ckpt[name]`` into each object passed by name.
+
+    Modules are loaded with ``strict=False`` (official), after matching the ``module.`` prefix; the
+    result (missing/unexpected keys) is printed. Objects without ``strict`` (optimizer, GradScaler) are
+    loaded plainly. Entries of ``run_variables`` found in the file are copied into it. A missing file
+    is ignored, as in the official code, but said.
+    """
+    if not os.path.isfile(ckp_path):
+        print(f"No checkpoint found at {ckp_path}: starting from scratch.")
+        return
+    print(f"Found checkpoint at {ckp_path}")
+    checkpoint = safe_load(ckp_path)
+    for key, value in kwargs.items():
+        if key in checkpoint and value is not None:
+            state = checkpoint[key]
+            if isinstance(value, torch.nn.Module):
+                msg = value.load_state_dict(_match_prefix(state, value), strict=False)
+                print(f"=> loaded '{key}' from checkpoint '{ckp_path}' with msg {msg}")
+            else:
+                try:
+                    value.load_state_dict(state)
+                except ValueError as err:
+                    raise ValueError(f"could not load '{key}' from {ckp_path}: {err}") from err
+                print(f"=> loaded '{key}' from checkpoint: '{ckp_path}'")
+        else:
+            print(f"=> key '{key}' not found in checkpoint: '{ckp_path}'")
+    if run_variables is not None:
+        for var_name in run_variables:
+            if var_name in checkpoint:
+                run_variables[var_name] = checkpoint[var_name]

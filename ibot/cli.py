@@ -1,0 +1,164 @@
+"""Command-line flags of ``main_ibot.py`` (official names, types and defaults) and their validation."""
+import argparse
+import os
+
+from models.swin_transformer import check_swin_args
+
+from .masking import check_mask_args
+from .misc import bool_flag
+
+ARCHS = ["vit_tiny", "vit_small", "vit_base", "vit_large", "deit_tiny", "deit_small",
+         "swin_tiny", "swin_small", "swin_base", "swin_large"]
+
+
+def get_args_parser():
+    """The official ``iBOT`` parser (``add_help=False``, used as a parent), plus this repository's additions."""
+    parser = argparse.ArgumentParser("iBOT", add_help=False)
+
+    # Model parameters
+    parser.add_argument("--arch", default="vit_small", type=str, choices=ARCHS,
+                        help="Name of the backbone; deit_* are aliases of vit_*.")
+    parser.add_argument("--patch_size", default=16, type=int,
+                        help="ViT patch size in pixels. For Swin it only sets the mask cell (8 × patch_size): use 4.")
+    parser.add_argument("--window_size", default=7, type=int, help="Swin window size (ignored by ViT).")
+    parser.add_argument("--out_dim", default=8192, type=int, help="Dimensionality of the [CLS] head output (K).")
+    parser.add_argument("--patch_out_dim", default=8192, type=int,
+                        help="Dimensionality of the patch head output when the heads are not shared.")
+    parser.add_argument("--shared_head", default=False, type=bool_flag,
+                        help="Student: reuse the [CLS] head's last layer for patch tokens.")
+    parser.add_argument("--shared_head_teacher", default=True, type=bool_flag,
+                        help="Teacher: reuse the [CLS] head's last layer for patch tokens.")
+    parser.add_argument("--norm_last_layer", default=True, type=bool_flag,
+                        help="Student: fix the weight-norm gain of the last layer(s) at 1.")
+    parser.add_argument("--momentum_teacher", default=0.996, type=float,
+                        help="Base EMA momentum of the teacher, cosine-increased to 1.")
+    parser.add_argument("--norm_in_head", default=None,
+                        help="Normalisation inside the projection head MLP: bn, syncbn, ln, or unset.")
+    parser.add_argument("--act_in_head", default="gelu", help="Activation inside the head MLP: gelu or relu.")
+    parser.add_argument("--use_masked_im_modeling", default=True, type=bool_flag,
+                        help="Mask the student's global crops (masked image modeling).")
+    parser.add_argument("--pred_ratio", default=0.3, type=float, nargs="+",
+                        help="Masking ratio(s); with several values one is drawn per crop.")
+    parser.add_argument("--pred_ratio_var", default=0, type=float, nargs="+",
+                        help="Half-width of the uniform jitter around each masking ratio.")
+    parser.add_argument("--pred_shape", default="block", type=str, help="Mask shape: block or rand.")
+    parser.add_argument("--pred_start_epoch", default=0, type=int,
+                        help="Epochs without masking at the start; also delays the patch temperature warm-up.")
+    parser.add_argument("--lambda1", default=1.0, type=float, help="Weight of the [CLS] (self-distillation) loss.")
+    parser.add_argument("--lambda2", default=1.0, type=float, help="Weight of the masked patch (MIM) loss.")
+
+    # Temperature teacher parameters
+    parser.add_argument("--warmup_teacher_temp", default=0.04, type=float,
+                        help="Teacher [CLS] temperature at the start of its warm-up.")
+    parser.add_argument("--teacher_temp", default=0.04, type=float, help="Teacher [CLS] temperature after warm-up.")
+    parser.add_argument("--warmup_teacher_patch_temp", default=0.04, type=float,
+                        help="Teacher patch temperature at the start of its warm-up.")
+    parser.add_argument("--teacher_patch_temp", default=0.07, type=float,
+                        help="Teacher patch temperature after warm-up.")
+    parser.add_argument("--warmup_teacher_temp_epochs", default=30, type=int,
+                        help="Number of warm-up epochs of both teacher temperatures.")
+
+    # Training/Optimization parameters
+    parser.add_argument("--use_fp16", type=bool_flag, default=True,
+                        help="Mixed precision (fp16 autocast + GradScaler) on GPUs; see --precision.")
+    parser.add_argument("--weight_decay", type=float, default=0.04, help="Initial weight decay.")
+    parser.add_argument("--weight_decay_end", type=float, default=0.4, help="Final weight decay (cosine schedule).")
+    parser.add_argument("--clip_grad", type=float, default=3.0,
+                        help="Maximal gradient norm of each parameter tensor; 0 disables clipping.")
+    parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="Images per process and step.")
+    parser.add_argument("--epochs", default=100, type=int, help="Number of epochs of training.")
+    parser.add_argument("--freeze_last_layer", default=1, type=int,
+                        help="Epochs during which the head's last layer(s) are not updated.")
+    parser.add_argument("--lr", default=0.0005, type=float,
+                        help="Peak learning rate for a total batch of 256 (linearly scaled).")
+    parser.add_argument("--warmup_epochs", default=10, type=int, help="Epochs of linear learning-rate warm-up.")
+    parser.add_argument("--min_lr", type=float, default=1e-6, help="Final learning rate of the cosine schedule.")
+    parser.add_argument("--optimizer", default="adamw", type=str, choices=["adamw", "sgd", "lars"],
+                        help="Optimizer.")
+    parser.add_argument("--load_from", default=None, help="Checkpoint to resume from (joined onto --output_dir).")
+    parser.add_argument("--drop_path", type=float, default=0.1, help="Student ViT stochastic-depth rate.")
+
+    # Multi-crop parameters
+    parser.add_argument("--global_crops_number", type=int, default=2, help="Number of global crops (at least 2).")
+    parser.add_argument("--global_crops_scale", type=float, nargs="+", default=(0.14, 1.),
+                        help="Scale range of the global crops (RandomResizedCrop).")
+    parser.add_argument("--local_crops_number", type=int, default=0, help="Number of local crops; 0 disables them.")
+    parser.add_argument("--local_crops_scale", type=float, nargs="+", default=(0.05, 0.4),
+                        help="Scale range of the local crops (RandomResizedCrop).")
+
+    # Misc
+    parser.add_argument("--data_path", default="/path/to/imagenet/train/", type=str,
+                        help="Folder of training images (ImageFolder layout, or images directly).")
+    parser.add_argument("--output_dir", default=".", type=str, help="Where checkpoints and logs go.")
+    parser.add_argument("--saveckp_freq", default=40, type=int, help="Save checkpointNNNN.pth every x epochs.")
+    parser.add_argument("--seed", default=0, type=int, help="Random seed.")
+    parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers per process.")
+    parser.add_argument("--dist_url", default="env://", type=str, help="init_method of the process group.")
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="Accepted for old launchers and ignored (torchrun sets LOCAL_RANK).")
+
+    # ---- additions of this repository (defaults keep the official behaviour) ----
+    parser.add_argument("--global_crops_size", default=224, type=int, help="Side of the global crops in pixels.")
+    parser.add_argument("--local_crops_size", default=96, type=int, help="Side of the local crops in pixels.")
+    parser.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                        help="Autocast precision. Default: fp16 when --use_fp16 is true and a GPU is used, else fp32.")
+    parser.add_argument("--train_step", default="fast", choices=["fast", "reference"],
+                        help="fast: heads on [CLS] and masked tokens only, no per-step host sync (same loss); "
+                             "reference: the official computation.")
+    parser.add_argument("--center2_tokens", default="all", choices=["all", "masked"],
+                        help="Teacher patch centre over all patch tokens (official) or masked ones only (DINOv2).")
+    parser.add_argument("--head_hidden_dim", default=2048, type=int, help="Hidden width of the head MLP.")
+    parser.add_argument("--head_bottleneck_dim", default=256, type=int, help="Bottleneck width of the head.")
+    parser.add_argument("--print_freq", default=10, type=int,
+                        help="Log (and read values back from the device) every N iterations.")
+    return parser
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def check_args(args):
+    """Return a list of messages for flag combinations that cannot train; each names the flag or path."""
+    errors = []
+    try:
+        check_mask_args(args.pred_ratio, args.pred_ratio_var, args.pred_shape)
+    except ValueError as err:
+        errors.append(str(err))
+    if args.epochs < args.warmup_teacher_temp_epochs + args.pred_start_epoch:
+        errors.append(f"--epochs ({args.epochs}) is shorter than --warmup_teacher_temp_epochs "
+                      f"({args.warmup_teacher_temp_epochs}) + --pred_start_epoch ({args.pred_start_epoch})")
+    if args.global_crops_number < 2:
+        errors.append(f"--global_crops_number must be at least 2 (got {args.global_crops_number}): "
+                      "the [CLS] loss compares different global views")
+    if args.local_crops_number < 0:
+        errors.append("--local_crops_number must be >= 0")
+    for flag in ("global_crops_scale", "local_crops_scale"):
+        scale = _as_list(getattr(args, flag))
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            errors.append(f"--{flag} needs two values 0 < min <= max <= 1, got {scale}")
+    if "swin" in args.arch:
+        errors += check_swin_args(args.patch_size, args.window_size, args.global_crops_size,
+                                  args.local_crops_size, args.local_crops_number)
+    else:
+        for flag in ("global_crops_size", "local_crops_size"):
+            size = getattr(args, flag)
+            if flag == "local_crops_size" and args.local_crops_number == 0:
+                continue
+            if size <= 0 or size % args.patch_size:
+                errors.append(f"--{flag} {size} is not a multiple of the patch size (--patch_size {args.patch_size})")
+    if args.norm_in_head not in (None, "bn", "syncbn", "ln"):
+        errors.append(f"--norm_in_head {args.norm_in_head!r} is not supported (bn, syncbn, ln or unset)")
+    if args.act_in_head not in ("gelu", "relu"):
+        errors.append(f"--act_in_head must be gelu or relu, got {args.act_in_head!r}")
+    if args.batch_size_per_gpu < 1:
+        errors.append("--batch_size_per_gpu must be at least 1")
+    patch_dim_student = args.out_dim if args.shared_head else args.patch_out_dim
+    patch_dim_teacher = args.out_dim if args.shared_head_teacher else args.patch_out_dim
+    if patch_dim_student != patch_dim_teacher:
+        errors.append(f"student and teacher patch outputs differ ({patch_dim_student} vs {patch_dim_teacher}): "
+                      "with --shared_head_teacher true (default) and --shared_head false, "
+                      "--patch_out_dim must equal --out_dim")
+    if not args.data_path or not os.path.isdir(args.data_path):
+        errors.append(f"--data_path {args.data_path!r} is not a folder")
+    return errors

@@ -1,0 +1,230 @@
+"""iBOT pre-training driver: builds data, networks, loss, optimiser and schedules, then runs the epochs.
+
+Launch (see README for the recipes)::
+
+    python main_ibot.py --data_path DIR --output_dir OUT ...                    # one process (GPU or CPU)
+    torchrun --nproc_per_node 8 main_ibot.py --data_path DIR --output_dir OUT   # one node, 8 GPUs
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --master_addr A --master_port 29500 main_ibot.py ...
+"""
+import argparse
+import datetime
+import json
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+import models
+from models.head import iBOTHead
+
+from . import distributed as dist_utils
+from .augment import DataAugmentationiBOT
+from .checkpoint import atomic_save, restart_from_checkpoint
+from .cli import check_args
+from .data import ImageFolderMask
+from .loss import iBOTLoss
+from .misc import fix_random_seeds, get_sha
+from .optim import build_optimizer, get_params_groups, has_batchnorms
+from .schedules import cosine_scheduler
+from .train import train_one_epoch, unwrap
+from .wrapper import MultiCropWrapper
+
+
+class ConfigError(ValueError):
+    """A flag, path or data problem found before training starts."""
+
+
+def mask_cell_size(args):
+    """Mask cell in pixels: the patch size for ViT, the final-stage token (8 × patch_size) for Swin."""
+    return 8 * args.patch_size if "swin" in args.arch else args.patch_size
+
+
+def build_dataset(args):
+    """The pre-training ``ImageFolderMask`` with the multi-crop transform of the flags."""
+    transform = DataAugmentationiBOT(args.global_crops_scale, args.local_crops_scale, args.global_crops_number,
+                                     args.local_crops_number, args.global_crops_size, args.local_crops_size)
+    pred_size = mask_cell_size(args)
+    try:
+        return ImageFolderMask(args.data_path, transform=transform, patch_size=pred_size,
+                               pred_ratio=args.pred_ratio, pred_ratio_var=args.pred_ratio_var,
+                               pred_aspect_ratio=(0.3, 1 / 0.3), pred_shape=args.pred_shape,
+                               pred_start_epoch=args.pred_start_epoch,
+                               mask_crops=args.global_crops_number, seed=args.seed)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def build_data_loader(dataset, args):
+    """Sampler (``DistributedSampler``, also for one process: same order for the same epoch) and loader."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist_utils.get_world_size(),
+                                                  rank=dist_utils.get_rank(), shuffle=True)
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
+                                         num_workers=args.num_workers, pin_memory=args.device.type == "cuda",
+                                         drop_last=True)
+    if len(loader) == 0:
+        raise ConfigError(f"--data_path {args.data_path} holds {len(dataset)} images, fewer than one batch "
+                          f"({args.batch_size_per_gpu} per process × {dist_utils.get_world_size()} processes); "
+                          "lower --batch_size_per_gpu")
+    return sampler, loader
+
+
+def build_networks(args):
+    """Student and teacher ``MultiCropWrapper``s (official construction, section 1.3 of the spec)."""
+    args.arch = args.arch.replace("deit", "vit")
+    if args.arch not in models.__dict__:
+        raise ConfigError(f"unknown --arch {args.arch!r}")
+    factory = models.__dict__[args.arch]
+    if "swin" in args.arch:
+        student = factory(window_size=args.window_size, return_all_tokens=True,
+                          masked_im_modeling=args.use_masked_im_modeling, img_size=args.global_crops_size)
+        teacher = factory(window_size=args.window_size, drop_path_rate=0.0, return_all_tokens=True,
+                          img_size=args.global_crops_size)
+        embed_dim = student.num_features
+    else:
+        student = factory(patch_size=args.patch_size, drop_path_rate=args.drop_path, return_all_tokens=True,
+                          masked_im_modeling=args.use_masked_im_modeling, img_size=args.global_crops_size)
+        teacher = factory(patch_size=args.patch_size, return_all_tokens=True, img_size=args.global_crops_size)
+        embed_dim = student.embed_dim
+    head_kwargs = dict(patch_out_dim=args.patch_out_dim, norm=args.norm_in_head, act=args.act_in_head,
+                       hidden_dim=args.head_hidden_dim, bottleneck_dim=args.head_bottleneck_dim)
+    student = MultiCropWrapper(student, iBOTHead(embed_dim, args.out_dim, norm_last_layer=args.norm_last_layer,
+                                                 shared_head=args.shared_head, **head_kwargs))
+    teacher = MultiCropWrapper(teacher, iBOTHead(embed_dim, args.out_dim, shared_head=args.shared_head_teacher,
+                                                 **head_kwargs))
+    return student, teacher
+
+
+def wrap_and_init_teacher(student, teacher, args):
+    """Move to the device, wrap in DDP where needed, copy the student into the teacher (quirk Q1), freeze it.
+
+    Returns ``(student, teacher, teacher_without_ddp)``.
+    """
+    student, teacher = student.to(args.device), teacher.to(args.device)
+    if args.train_step == "reference":
+        for net in (student, teacher):
+            if hasattr(net.backbone, "set_fused_attn"):
+                net.backbone.set_fused_attn(False)
+    ddp_kwargs = dict(device_ids=[args.gpu] if args.device.type == "cuda" else None,
+                      broadcast_buffers="swin" not in args.arch)
+    teacher_without_ddp = teacher
+    if has_batchnorms(student):
+        if args.train_step == "fast":
+            print("Note: the projection head has BatchNorm; its statistics need every token, "
+                  "so the reference training step is used.")
+            args.train_step = "reference"
+        if args.distributed:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+            teacher = nn.parallel.DistributedDataParallel(teacher, **ddp_kwargs)
+            teacher_without_ddp = teacher.module
+    if args.distributed:
+        student = nn.parallel.DistributedDataParallel(student, **ddp_kwargs)
+    teacher_without_ddp.load_state_dict(unwrap(student).state_dict(), strict=False)
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher, teacher_without_ddp
+
+
+def resolve_precision(args):
+    """``args.precision`` from the flags: explicit ``--precision`` wins; else fp16 if ``--use_fp16`` on a GPU."""
+    if args.precision is None:
+        args.precision = "fp16" if (args.use_fp16 and args.device.type == "cuda") else "fp32"
+        if args.use_fp16 and args.device.type != "cuda":
+            print("Note: --use_fp16 applies to GPUs; running in fp32 on the CPU (use --precision bf16 for "
+                  "bfloat16 autocast).")
+    return torch.amp.GradScaler(args.device.type) if args.precision == "fp16" else None
+
+
+def checkpoint_dict(student, teacher, optimizer, epoch, args, ibot_loss, fp16_scaler):
+    """The official checkpoint: ``student`` keys prefixed ``module.``, ``teacher``, ``optimizer``,
+    ``epoch`` (finished epochs), ``args`` (an ``argparse.Namespace``), ``ibot_loss`` and ``fp16_scaler``."""
+    student_state = student.state_dict()
+    if not next(iter(student_state)).startswith("module."):
+        student_state = {"module." + k: v for k, v in student_state.items()}
+    saved_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "device"})
+    save_dict = {"student": student_state, "teacher": unwrap(teacher).state_dict() if not isinstance(
+                     teacher, nn.parallel.DistributedDataParallel) else teacher.state_dict(),
+                 "optimizer": optimizer.state_dict(), "epoch": epoch, "args": saved_args,
+                 "ibot_loss": ibot_loss.state_dict()}
+    if fp16_scaler is not None:
+        save_dict["fp16_scaler"] = fp16_scaler.state_dict()
+    return save_dict
+
+
+def train_ibot(args):
+    """Run iBOT pre-training with the parsed flags ``args``; returns the last epoch's stats."""
+    errors = check_args(args)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    dist_utils.init_distributed_mode(args)
+    fix_random_seeds(args.seed)
+    print("git:\n  {}\n".format(get_sha()))
+    print("\n".join(f"{k}: {v}" for k, v in sorted(dict(vars(args)).items())))
+    torch.backends.cudnn.benchmark = True
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    # ============ data ... ============
+    dataset = build_dataset(args)
+    args.has_labels = getattr(dataset, "has_labels", True)
+    sampler, data_loader = build_data_loader(dataset, args)
+    print(f"Data loaded: there are {len(dataset)} images.")
+
+    # ============ networks ... ============
+    student, teacher = build_networks(args)
+    student, teacher, teacher_without_ddp = wrap_and_init_teacher(student, teacher, args)
+    print(f"Student and Teacher are built: they are both {args.arch} network.")
+
+    # ============ loss, optimizer, schedules ... ============
+    same_dim = args.shared_head or args.shared_head_teacher
+    ibot_loss = iBOTLoss(args.out_dim, args.out_dim if same_dim else args.patch_out_dim,
+                         args.global_crops_number, args.local_crops_number, args.warmup_teacher_temp,
+                         args.teacher_temp, args.warmup_teacher_patch_temp, args.teacher_patch_temp,
+                         args.warmup_teacher_temp_epochs, args.epochs, lambda1=args.lambda1, lambda2=args.lambda2,
+                         mim_start_epoch=args.pred_start_epoch, center2_tokens=args.center2_tokens).to(args.device)
+    writer = None
+    if dist_utils.is_main_process():
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=os.path.join(args.output_dir, "tf_logs"))
+
+    optimizer = build_optimizer(args.optimizer, get_params_groups(student), args.device.type)
+    fp16_scaler = resolve_precision(args)
+    niter = len(data_loader)
+    lr_schedule = cosine_scheduler(args.lr * (args.batch_size_per_gpu * dist_utils.get_world_size()) / 256.,
+                                   args.min_lr, args.epochs, niter, warmup_epochs=args.warmup_epochs)
+    wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
+    momentum_schedule = cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter)
+    print("Loss, optimizer and schedulers ready.")
+
+    to_restore = {"epoch": 0}
+    if args.load_from:
+        restart_from_checkpoint(os.path.join(args.output_dir, args.load_from), run_variables=to_restore,
+                                student=student, teacher=teacher, optimizer=optimizer,
+                                fp16_scaler=fp16_scaler, ibot_loss=ibot_loss)
+    start_epoch = to_restore["epoch"]
+
+    start_time = time.time()
+    print("Starting iBOT training!")
+    train_stats = {}
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        data_loader.dataset.set_epoch(epoch)
+        train_stats = train_one_epoch(student, teacher, teacher_without_ddp, ibot_loss, data_loader, optimizer,
+                                      lr_schedule, wd_schedule, momentum_schedule, epoch, fp16_scaler, args)
+
+        save_dict = checkpoint_dict(student, teacher, optimizer, epoch + 1, args, ibot_loss, fp16_scaler)
+        if dist_utils.is_main_process():
+            atomic_save(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
+            if args.saveckp_freq and epoch % args.saveckp_freq == 0 and epoch:
+                atomic_save(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+            for k, v in train_stats.items():
+                writer.add_scalar(k, v, epoch)
+            writer.flush()
+    total_time = time.time() - start_time
+    print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+    if writer is not None:
+        writer.close()
+    return train_stats
