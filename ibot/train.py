@@ -118,86 +118,106 @@ class NonFiniteWatch:
             f"gradient norm={grad:.4g}. Training stopped; the last checkpoint saved before this step is intact.")
 
 
+def train_step(student, teacher, teacher_without_ddp, ibot_loss, optimizer, images, masks, it, epoch,
+               lr_schedule, wd_schedule, momentum_schedule, fp16_scaler, ema_pairs, args):
+    """One optimisation step on a batch; returns ``(losses, t_cls, s_cls, grad_norm)``.
+
+    ``images``: list of ng+nl crop batches ``(B, 3, h, w)`` already on the device; ``masks``: list of
+    at least ng CPU bool tensors ``(B, H, W)``; ``it``: global iteration (schedule index);
+    ``ema_pairs``: ``common_parameters(student, teacher)``. ``grad_norm`` is the norm of the
+    per-parameter gradient norms (fast path with clipping) or None; nothing is read back to the host
+    in the fast path.
+    """
+    device, precision = args.device, args.precision
+    reference = args.train_step == "reference"
+    ngcrops = args.global_crops_number
+    for j, param_group in enumerate(optimizer.param_groups):
+        param_group["lr"] = lr_schedule[it]
+        if j == 0:
+            param_group["weight_decay"] = wd_schedule[it]
+
+    with autocast_context(device, precision):
+        if reference:
+            losses, t_cls, s_cls = forward_reference(student, teacher, ibot_loss, images, masks, epoch, ngcrops, device)
+        else:
+            losses, t_cls, s_cls = forward_fast(student, teacher_without_ddp, ibot_loss, images, masks,
+                                                epoch, ngcrops, device)
+    loss = losses["loss"]
+    if reference and not math.isfinite(loss.item()):
+        print(f"Loss is {loss.item()}, stopping training", force=True)
+        sys.exit(1)
+
+    optimizer.zero_grad()
+    grad_norm = None
+    if fp16_scaler is not None:
+        fp16_scaler.scale(loss).backward()
+        if args.clip_grad:
+            fp16_scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if args.clip_grad:
+        if reference:
+            clip_gradients(student, args.clip_grad)
+        else:
+            trainable = [p for p in unwrap(student).parameters() if p.requires_grad]
+            norms = clip_gradients_foreach(trainable, args.clip_grad)
+            grad_norm = norms.norm() if norms is not None else None
+    cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+    if fp16_scaler is not None:
+        fp16_scaler.step(optimizer)
+        fp16_scaler.update()
+    else:
+        optimizer.step()
+
+    momentum = momentum_schedule[it]
+    (ema_update_loop if reference else ema_update)(*ema_pairs, momentum)
+    if reference and device.type == "cuda":
+        torch.cuda.synchronize()
+    return losses, t_cls, s_cls, grad_norm
+
+
 def train_one_epoch(student, teacher, teacher_without_ddp, ibot_loss, data_loader, optimizer, lr_schedule,
                     wd_schedule, momentum_schedule, epoch, fp16_scaler, args):
     """Official signature. Trains one epoch and returns the averaged stats ``{loss, cls, patch, lr, wd,
     acc}`` plus the clustering monitors ``nmi, ari, fscore, adjacc`` when the data set has labels.
     """
-    device = getattr(args, "device", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = getattr(args, "precision", None) or ("fp16" if fp16_scaler is not None else "fp32")
-    reference = getattr(args, "train_step", "fast") == "reference"
-    ngcrops = args.global_crops_number
+    args.device = getattr(args, "device", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if getattr(args, "precision", None) is None:
+        args.precision = "fp16" if fp16_scaler is not None else "fp32"
+    args.train_step = getattr(args, "train_step", "fast")
+    reference = args.train_step == "reference"
     print_freq = getattr(args, "print_freq", 10)
 
     metric_logger = MetricLogger(delimiter="  ")
     header = f"Epoch: [{epoch}/{args.epochs}]"
-    student_params, teacher_params = common_parameters(unwrap(student), teacher_without_ddp)
-    trainable = [p for p in unwrap(student).parameters() if p.requires_grad]
-    watch = NonFiniteWatch(device)
+    ema_pairs = common_parameters(unwrap(student), teacher_without_ddp)
+    watch = NonFiniteWatch(args.device)
     pred_labels, real_labels = [], []
 
     for i, (images, labels, masks) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
         it = len(data_loader) * epoch + i
-        for j, param_group in enumerate(optimizer.param_groups):
-            param_group["lr"] = lr_schedule[it]
-            if j == 0:
-                param_group["weight_decay"] = wd_schedule[it]
+        images = [im.to(args.device, non_blocking=True) for im in images]
+        losses, t_cls, s_cls, grad_norm = train_step(
+            student, teacher, teacher_without_ddp, ibot_loss, optimizer, images, masks, it, epoch,
+            lr_schedule, wd_schedule, momentum_schedule, fp16_scaler, ema_pairs, args)
 
-        images = [im.to(device, non_blocking=True) for im in images]
-        with autocast_context(device, precision):
-            if reference:
-                losses, t_cls, s_cls = forward_reference(student, teacher, ibot_loss, images, masks, epoch, ngcrops, device)
-            else:
-                losses, t_cls, s_cls = forward_fast(student, teacher_without_ddp, ibot_loss, images, masks,
-                                                    epoch, ngcrops, device)
-        loss = losses["loss"]
-        if reference and not math.isfinite(loss.item()):
-            print(f"Loss is {loss.item()}, stopping training", force=True)
-            sys.exit(1)
-
+        # monitor: agreement of teacher (crop 0) and student (crop 1) argmax, official (quirk Q26)
         batch = labels.shape[0]
         pred1 = t_cls[:batch].argmax(dim=-1)
         pred2 = s_cls[batch:2 * batch].argmax(dim=-1)
         if reference:  # official: gather every step
             pred1, pred2 = concat_all_gather(pred1), concat_all_gather(pred2)
-            real_labels.append(concat_all_gather(labels.to(device)))
+            real_labels.append(concat_all_gather(labels.to(args.device)))
         else:
             real_labels.append(labels)
-        acc = (pred1 == pred2).float().mean()
         pred_labels.append(pred1)
 
-        optimizer.zero_grad()
-        grad_norm = None
-        if fp16_scaler is not None:
-            fp16_scaler.scale(loss).backward()
-            if args.clip_grad:
-                fp16_scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if args.clip_grad:
-            if reference:
-                clip_gradients(student, args.clip_grad)
-            else:
-                norms = clip_gradients_foreach(trainable, args.clip_grad)
-                grad_norm = norms.norm() if norms is not None else None
-        cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
-        if fp16_scaler is not None:
-            fp16_scaler.step(optimizer)
-            fp16_scaler.update()
-        else:
-            optimizer.step()
-
-        momentum = momentum_schedule[it]
-        (ema_update_loop if reference else ema_update)(student_params, teacher_params, momentum)
-
-        if reference and device.type == "cuda":
-            torch.cuda.synchronize()
         if not reference:
             watch.update(it, losses, grad_norm)
-        metric_logger.update(loss=loss.detach())
+        metric_logger.update(loss=losses["loss"].detach())
         metric_logger.update(cls=losses["cls"].detach(), patch=losses["patch"].detach())
         metric_logger.update(lr=optimizer.param_groups[0]["lr"], wd=optimizer.param_groups[0]["weight_decay"])
-        metric_logger.update(acc=acc)
+        metric_logger.update(acc=(pred1 == pred2).float().mean())
         if not reference and (i % print_freq == 0 or i == len(data_loader) - 1):
             watch.check(epoch, lr_schedule, ibot_loss)
 
