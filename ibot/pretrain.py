@@ -136,6 +136,31 @@ def resolve_precision(args):
     return torch.amp.GradScaler(args.device.type) if args.precision == "fp16" else None
 
 
+def build_loss(args):
+    """The ``iBOTLoss`` of the flags (patch width K when either head is shared, official rule)."""
+    same_dim = args.shared_head or args.shared_head_teacher
+    return iBOTLoss(args.out_dim, args.out_dim if same_dim else args.patch_out_dim,
+                    args.global_crops_number, args.local_crops_number, args.warmup_teacher_temp,
+                    args.teacher_temp, args.warmup_teacher_patch_temp, args.teacher_patch_temp,
+                    args.warmup_teacher_temp_epochs, args.epochs, lambda1=args.lambda1, lambda2=args.lambda2,
+                    mim_start_epoch=args.pred_start_epoch, center2_tokens=args.center2_tokens).to(args.device)
+
+
+def build_optimization(student, args, niter_per_epoch):
+    """Loss, optimizer, GradScaler (or None) and the ``(lr, wd, momentum)`` per-iteration schedules."""
+    ibot_loss = build_loss(args)
+    optimizer = build_optimizer(args.optimizer, get_params_groups(student), args.device.type)
+    fp16_scaler = resolve_precision(args)
+    total_batch = args.batch_size_per_gpu * dist_utils.get_world_size()
+    schedules = (
+        cosine_scheduler(args.lr * total_batch / 256., args.min_lr, args.epochs, niter_per_epoch,
+                         warmup_epochs=args.warmup_epochs),
+        cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_epoch),
+        cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter_per_epoch),
+    )
+    return ibot_loss, optimizer, fp16_scaler, schedules
+
+
 def checkpoint_dict(student, teacher, optimizer, epoch, args, ibot_loss, fp16_scaler):
     """The official checkpoint: ``student`` keys prefixed ``module.``, ``teacher``, ``optimizer``,
     ``epoch`` (finished epochs), ``args`` (an ``argparse.Namespace``), ``ibot_loss`` and ``fp16_scaler``."""
@@ -176,24 +201,12 @@ def train_ibot(args):
     print(f"Student and Teacher are built: they are both {args.arch} network.")
 
     # ============ loss, optimizer, schedules ... ============
-    same_dim = args.shared_head or args.shared_head_teacher
-    ibot_loss = iBOTLoss(args.out_dim, args.out_dim if same_dim else args.patch_out_dim,
-                         args.global_crops_number, args.local_crops_number, args.warmup_teacher_temp,
-                         args.teacher_temp, args.warmup_teacher_patch_temp, args.teacher_patch_temp,
-                         args.warmup_teacher_temp_epochs, args.epochs, lambda1=args.lambda1, lambda2=args.lambda2,
-                         mim_start_epoch=args.pred_start_epoch, center2_tokens=args.center2_tokens).to(args.device)
+    ibot_loss, optimizer, fp16_scaler, (lr_schedule, wd_schedule, momentum_schedule) = build_optimization(
+        student, args, len(data_loader))
     writer = None
     if dist_utils.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(log_dir=os.path.join(args.output_dir, "tf_logs"))
-
-    optimizer = build_optimizer(args.optimizer, get_params_groups(student), args.device.type)
-    fp16_scaler = resolve_precision(args)
-    niter = len(data_loader)
-    lr_schedule = cosine_scheduler(args.lr * (args.batch_size_per_gpu * dist_utils.get_world_size()) / 256.,
-                                   args.min_lr, args.epochs, niter, warmup_epochs=args.warmup_epochs)
-    wd_schedule = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
-    momentum_schedule = cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter)
     print("Loss, optimizer and schedulers ready.")
 
     to_restore = {"epoch": 0}
