@@ -105,8 +105,9 @@ def wrap_and_init_teacher(student, teacher, args):
         for net in (student, teacher):
             if hasattr(net.backbone, "set_fused_attn"):
                 net.backbone.set_fused_attn(False)
-    ddp_kwargs = dict(device_ids=[args.gpu] if args.device.type == "cuda" else None,
-                      broadcast_buffers="swin" not in args.arch)
+    # The official code passes broadcast_buffers=False for Swin; its only buffers are constant indices,
+    # so the default (broadcast) is equivalent and avoids a deprecated argument on recent PyTorch.
+    ddp_kwargs = dict(device_ids=[args.gpu] if args.device.type == "cuda" else None)
     teacher_without_ddp = teacher
     if has_batchnorms(student):
         if args.train_step == "fast":

@@ -1,0 +1,65 @@
+"""Worker for test_distributed.py: two training steps on a fixed global batch of 2B images.
+
+Run either as one plain process (sees all 2B images) or under ``torchrun --nproc_per_node 2`` (each
+rank sees its B images, gloo). Writes losses, centres and teacher weights of rank 0 to ``argv[1]``.
+"""
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ibot.cli import get_args_parser  # noqa: E402
+from ibot.distributed import all_reduce_sum, get_rank, get_world_size, init_distributed_mode  # noqa: E402
+from ibot.masking import MaskGenerator  # noqa: E402
+from ibot.misc import fix_random_seeds  # noqa: E402
+from ibot.optim import common_parameters  # noqa: E402
+from ibot.pretrain import build_networks, build_optimization, wrap_and_init_teacher  # noqa: E402
+from ibot.train import train_step, unwrap  # noqa: E402
+
+GLOBAL_BATCH = 8
+
+
+def main(out_path, train_step_impl):
+    args = get_args_parser().parse_args([
+        "--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
+        "--local_crops_number", "2", "--out_dim", "64", "--head_hidden_dim", "32", "--head_bottleneck_dim", "16",
+        "--drop_path", "0", "--epochs", "2", "--warmup_teacher_temp_epochs", "1", "--warmup_epochs", "1",
+        "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2", "--norm_last_layer", "false",
+        "--shared_head", "true", "--train_step", train_step_impl, "--lr", "0.01",
+        "--batch_size_per_gpu", str(GLOBAL_BATCH // int(os.environ.get("WORLD_SIZE", 1)))])
+    init_distributed_mode(args)
+    args.precision = "fp32"
+    fix_random_seeds(0)
+    student, teacher = build_networks(args)
+    student, teacher, teacher_without_ddp = wrap_and_init_teacher(student, teacher, args)
+    loss_fn, optimizer, scaler, (lr, wd, mom) = build_optimization(student, args, niter_per_epoch=2)
+
+    gen = torch.Generator().manual_seed(1)
+    rng = random.Random(2)
+    masks_gen = MaskGenerator(None, args.pred_ratio, args.pred_ratio_var)
+    world, rank = get_world_size(), get_rank()
+    b = GLOBAL_BATCH // world
+    record = {"loss": [], "cls": [], "patch": []}
+    ema_pairs = common_parameters(unwrap(student), teacher_without_ddp)
+    for it in range(2):
+        images = [torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=gen) for _ in range(2)]
+        images += [torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=gen) for _ in range(2)]
+        masks = [torch.from_numpy(__import__("numpy").stack([masks_gen(rng, grid_hw=(4, 4))
+                                                              for _ in range(GLOBAL_BATCH)])) for _ in range(2)]
+        mine = slice(rank * b, (rank + 1) * b)
+        losses, _, _, _ = train_step(student, teacher, teacher_without_ddp, loss_fn, optimizer,
+                                     [im[mine] for im in images], [m[mine] for m in masks], it, 0,
+                                     lr, wd, mom, scaler, ema_pairs, args)
+        for key in record:  # mean over ranks = loss of the whole batch
+            record[key].append(all_reduce_sum(losses[key].detach().clone()).item() / world)
+    if rank == 0:
+        torch.save({**record, "center": loss_fn.center, "center2": loss_fn.center2,
+                    "teacher": teacher_without_ddp.state_dict()}, out_path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "fast")
