@@ -330,3 +330,53 @@ def test_semi_supervised_head_layer(tmp_path, image_folder):
     args.finetune_head_layer = 1
     with pytest.raises(RuntimeError, match="projection-head"):
         semi_eval_cls.build_model(args, 2, "teacher")
+
+
+def test_eval_cls_dataset_builders(tmp_path):
+    from scipy.io import savemat
+    img = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
+    # Flowers-102: 1-based image ids and labels
+    (tmp_path / "flw" / "jpg").mkdir(parents=True)
+    for i in range(1, 7):
+        img.save(tmp_path / "flw" / "jpg" / f"image_{i:05d}.jpg")
+    savemat(tmp_path / "flw" / "imagelabels.mat", {"labels": np.array([[1, 2, 1, 102, 2, 1]])})
+    savemat(tmp_path / "flw" / "setid.mat", {"trnid": np.array([[1, 2]]), "valid": np.array([[3]]),
+                                             "tstid": np.array([[4, 5, 6]])})
+    args = _parse(eval_cls.get_args_parser, ["--data_set", "Flwrs", "--data_path", str(tmp_path / "flw"),
+                                             "--input_size", "32"])
+    train, n = eval_cls.build_dataset(True, args)
+    test, _ = eval_cls.build_dataset(False, args)
+    assert n == 102 and len(train) == 3 and len(test) == 3
+    assert [t for _, t in test.samples] == [101, 1, 0]
+    assert train[0][0].shape == (3, 32, 32)
+    # Stanford Cars: 196 classes, label = class - 1, split by the test flag
+    (tmp_path / "cars" / "car_ims").mkdir(parents=True)
+    dtype = [("relative_im_path", "O"), ("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"),
+             ("class", "O"), ("test", "O")]
+    rows = []
+    for i, (cls, test_flag) in enumerate([(1, 0), (196, 0), (5, 1)]):
+        img.save(tmp_path / "cars" / "car_ims" / f"{i:06d}.jpg")
+        rows.append((f"car_ims/{i:06d}.jpg", 1, 2, 300, 400, cls, test_flag))
+    savemat(tmp_path / "cars" / "cars_annos.mat", {"annotations": np.array([rows], dtype=dtype)})
+    args.data_set, args.data_path = "Cars", str(tmp_path / "cars")
+    train, n = eval_cls.build_dataset(True, args)
+    test, _ = eval_cls.build_dataset(False, args)
+    assert n == 196 and [t for _, t in train.samples] == [0, 195] and [t for _, t in test.samples] == [4]
+    assert test[0][0].shape == (3, 32, 32)
+    # iNat 2018: labels in order of first appearance in the train annotations
+    root = tmp_path / "inat"
+    cats = [{"name": f"sp{i}", "supercategory": "Plantae"} for i in range(4)]
+    images = {"train": [(3, "a.jpg"), (1, "b.jpg")], "val": [(1, "c.jpg")]}
+    for split, items in images.items():
+        for cat, fname in items:
+            (root / "train_val2018" / "Plantae" / str(cat)).mkdir(parents=True, exist_ok=True)
+            img.save(root / "train_val2018" / "Plantae" / str(cat) / fname)
+        data = {"images": [{"file_name": f"train_val2018/Plantae/{c}/{f}", "id": i} for i, (c, f) in enumerate(items)],
+                "annotations": [{"category_id": c, "image_id": i} for i, (c, _) in enumerate(items)]}
+        (root / f"{split}2018.json").write_text(json.dumps(data))
+    (root / "categories.json").write_text(json.dumps(cats))
+    args.data_set, args.data_path = "INAT", str(root)
+    train, n = eval_cls.build_dataset(True, args)
+    test, _ = eval_cls.build_dataset(False, args)
+    assert n == 2 and [t for _, t in train.samples] == [0, 1] and [t for _, t in test.samples] == [1]
+    assert test[0][0].shape == (3, 32, 32)
