@@ -175,12 +175,12 @@ def hstack(panels, pad=2, pad_value=255):
     return out
 
 
-def image_grid(images, ncol, pad=2, pad_value=0, cell_hw=None):
+def image_grid(images, ncol, pad=2, pad_value=0, cell_hw=None, nrow=None):
     """Grid of uint8 (H, W, 3) images, row-major; empty cells stay ``pad_value``.
 
     Args:
         images: list of uint8 arrays (all of size ``cell_hw`` or of the first image's size).
-        ncol: number of columns; rows = ceil(len / ncol) (at least 1).
+        ncol: number of columns; rows = max(nrow, ceil(len / ncol), 1).
         cell_hw: (H, W) of a cell, needed when ``images`` may be empty.
     Returns:
         uint8 (rows * H + (rows - 1) * pad, ncol * W + (ncol - 1) * pad, 3).
@@ -188,7 +188,7 @@ def image_grid(images, ncol, pad=2, pad_value=0, cell_hw=None):
     if cell_hw is None:
         cell_hw = images[0].shape[:2]
     ch, cw = cell_hw
-    rows = max(1, math.ceil(len(images) / ncol))
+    rows = max(1, nrow or 0, math.ceil(len(images) / ncol))
     out = np.full((rows * ch + (rows - 1) * pad, ncol * cw + (ncol - 1) * pad, 3), pad_value, np.uint8)
     for k, im in enumerate(images):
         r, c = divmod(k, ncol)
