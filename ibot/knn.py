@@ -6,8 +6,8 @@ weights, top-1 / top-5 accuracies are returned in percent.
 
 Fixed defects of the official code (evaluation.md §5, items 1–2):
 * the number of classes comes from the data (``num_classes`` argument / dataset) instead of 1000;
-* the test set is processed in chunks of ``max(1, M // 100)`` rows (the official ⌊M/100⌋ is 0, a
-  division-by-zero, when M < 100); the chunking does not change the result;
+* the test set is processed in chunks sized by a memory budget (the official ⌊M/100⌋ rows is 0, a
+  division by zero, when M < 100); the chunking does not change the result;
 * k is capped at the number of training rows (logged);
 * top-5 counts the first ``min(5, num_classes)`` ranked classes; classes with equal scores are ranked
   by class index (stable sort), which only matters for zero-score classes when k < 5.
@@ -42,7 +42,8 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
         use_cuda: compute on the GPU when one is available (tensors are moved there); False computes
             on the CPU.
         num_classes: C, width of the class-score vectors (take it from the dataset).
-        chunk_size: test rows per similarity block (default ``max(1, M // 100)``).
+        chunk_size: test rows per similarity block (default: as many as fit in ~2^27 elements of
+            similarity and vote matrices; the result does not depend on it).
     Returns:
         (top1, top5): floats, accuracies in percent over the M test rows.
     """
@@ -59,8 +60,8 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
     k_eff = min(int(k), n_train)
     if k_eff != k:
         logger.info("k=%d capped at the %d training samples", k, n_train)
-    if chunk_size is None:
-        chunk_size = max(1, n_test // 100)
+    if chunk_size is None:  # ~2^27 elements of similarity + one-hot scores per chunk (512 MiB in fp32)
+        chunk_size = max(1, min(n_test, (1 << 27) // (n_train + k_eff * num_classes)))
     n_rank = min(5, num_classes)
     top1 = top5 = 0
     train_t = train_features.t()

@@ -17,6 +17,10 @@ def test_knn_classifier_matches_official():
                                     d["test_labels"], int(k), d["T"], use_cuda=False,
                                     num_classes=d["num_classes"])
         assert abs(top1 - ref["top1"]) < 1e-4 and abs(top5 - ref["top5"]) < 1e-4, (k, top1, top5, ref)
+        # the official chunking (M // 100 rows) gives the same numbers
+        assert knn_classifier(d["train_features"], d["train_labels"], d["test_features"], d["test_labels"],
+                              int(k), d["T"], use_cuda=False, num_classes=d["num_classes"],
+                              chunk_size=len(d["test_labels"]) // 100) == (top1, top5)
 
 
 def test_knn_small_sets_and_cap():

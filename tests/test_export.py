@@ -86,19 +86,19 @@ def test_timm_export_round_trip(tmp_path, key):
 
 
 def test_timm_standard_name_strict_load():
-    """A standard vit_small/16 backbone maps to timm's registry name and loads strictly."""
-    from models.vision_transformer import vit_small
+    """A standard vit_tiny/16 backbone maps to timm's registry name and loads strictly."""
+    from models.vision_transformer import vit_tiny
     import timm
-    ours = vit_small(patch_size=16, masked_im_modeling=True).eval()
+    ours = vit_tiny(patch_size=16, masked_im_modeling=True).eval()
     sd = {"module.backbone." + k: v for k, v in ours.state_dict().items()}
     sd["module.head.mlp.0.weight"] = torch.zeros(2, 2)
     timm_sd, config = to_timm_state_dict(sd)
-    assert config == {"model_name": "vit_small_patch16_224",
+    assert config == {"model_name": "vit_tiny_patch16_224",
                       "kwargs": {"img_size": 224, "patch_size": 16, "num_classes": 0}}
-    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).eval()
     model.load_state_dict(timm_sd, strict=True)
     ours.masked_im_modeling = False
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(x), ours(x), atol=1e-4, rtol=1e-4)
 
