@@ -86,7 +86,7 @@ def build_backbone(arch, patch_size=16, window_size=7, avgpool_patchtokens=0, im
                              "swin_base", "swin_large") if _factory(n) is not None]
         raise ValueError(f"unknown architecture {arch!r}; available: {known}")
     if arch.startswith("swin"):
-        model = factory(window_size=window_size, **kwargs)
+        model = factory(window_size=window_size, num_classes=0, **kwargs)
     else:
         model = factory(patch_size=patch_size, num_classes=0, use_mean_pooling=avgpool_patchtokens == 1,
                         img_size=img_size, **kwargs)

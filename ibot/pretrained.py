@@ -255,6 +255,9 @@ def load_pretrained_weights(model, pretrained_weights, checkpoint_key="teacher",
             resized.append("pos_embed")
             logger.info("%s: pos_embed resized from %s to %s", pretrained_weights, tuple(pe.shape), tuple(mpe.shape))
 
+    for k in [k for k in ckpt_sd if k.startswith("head.") and k not in model_sd]:
+        dropped.append(k)  # a classification head inside the backbone (e.g. Swin's num_classes=1000 head)
+        del ckpt_sd[k]
     if "masked_embed" in ckpt_sd and "masked_embed" not in model_sd:
         dropped.append("masked_embed")
         del ckpt_sd["masked_embed"]

@@ -102,3 +102,28 @@ def test_eval_knn_errors(tmp_path):
         main(_args(str(tmp_path / "empty")))
     with pytest.raises(FileNotFoundError, match="trainfeat.pth"):
         main(_args(str(tmp_path), "--load_features", str(tmp_path)))
+
+
+@pytest.mark.skipif(not os.path.exists("/work/shared/fixtures/official/swin_small_config.pt"),
+                    reason="official fixtures not available")
+def test_swin_frozen_features_and_loading(tmp_path):
+    """Swin: §1.4 features on get_intermediate_layers (token 0 = pooled) and checkpoint loading."""
+    from ibot.features import feature_dim, frozen_features
+    from ibot.pretrained import load_pretrained_weights
+    from models.swin_transformer import SwinTransformer
+    d = torch.load("/work/shared/fixtures/official/swin_small_config.pt", weights_only=True)
+    cfg = {k: v for k, v in d["config"].items() if k not in ("return_all_tokens", "masked_im_modeling")}
+    model = SwinTransformer(num_classes=0, **cfg).eval()
+    torch.save({"teacher": {"backbone." + k: v for k, v in d["state_dict"].items()}}, tmp_path / "c.pth")
+    report = load_pretrained_weights(model, str(tmp_path / "c.pth"), "teacher")
+    assert "masked_embed" in report["dropped"] and not report["missing"]
+    x = d["x"]
+    with torch.no_grad():
+        f0 = frozen_features(model, x, n_last_blocks=2, avgpool_patchtokens=0)
+        f1 = frozen_features(model, x, n_last_blocks=2, avgpool_patchtokens=1)
+        f2 = frozen_features(model, x, n_last_blocks=2, avgpool_patchtokens=2)
+        inter = model.get_intermediate_layers(x, 2)
+    assert f0.shape == (2, 96) and f1.shape == (2, 48) and f2.shape == (2, 144)
+    torch.testing.assert_close(f0[:, 48:], inter[-1][:, 0])
+    torch.testing.assert_close(f1, inter[-1][:, 1:].mean(1))
+    assert feature_dim(model, 2, 0, img_size=64) == 96
