@@ -132,9 +132,9 @@ def train_step(student, teacher, teacher_without_ddp, ibot_loss, optimizer, imag
     reference = args.train_step == "reference"
     ngcrops = args.global_crops_number
     for j, param_group in enumerate(optimizer.param_groups):
-        param_group["lr"] = lr_schedule[it]
+        param_group["lr"] = float(lr_schedule[it])  # Python floats: numpy scalars would need unsafe unpickling
         if j == 0:
-            param_group["weight_decay"] = wd_schedule[it]
+            param_group["weight_decay"] = float(wd_schedule[it])
 
     with autocast_context(device, precision):
         if reference:
@@ -169,7 +169,7 @@ def train_step(student, teacher, teacher_without_ddp, ibot_loss, optimizer, imag
     else:
         optimizer.step()
 
-    momentum = momentum_schedule[it]
+    momentum = float(momentum_schedule[it])
     (ema_update_loop if reference else ema_update)(*ema_pairs, momentum)
     if reference and device.type == "cuda":
         torch.cuda.synchronize()
@@ -194,7 +194,10 @@ def train_one_epoch(student, teacher, teacher_without_ddp, ibot_loss, data_loade
     watch = NonFiniteWatch(args.device)
     pred_labels, real_labels = [], []
 
-    for i, (images, labels, masks) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+    # a mid-epoch resume (ibot.faults.StepBoundaryLoader) yields the epoch's batches from start_iter on
+    start_iter = getattr(data_loader, "start_iter", 0)
+    for i, (images, labels, masks) in enumerate(metric_logger.log_every(data_loader, print_freq, header),
+                                                start=start_iter):
         it = len(data_loader) * epoch + i
         images = [im.to(args.device, non_blocking=True) for im in images]
         losses, t_cls, s_cls, grad_norm = train_step(
