@@ -1,0 +1,1 @@
+"""Analysis tools of iBOT (evaluation.md §3)."""
