@@ -1,0 +1,1 @@
+"""Viewer of the masks drawn by the pre-training data set."""
