@@ -11,10 +11,15 @@ import tempfile
 import torch
 
 SAFE_GLOBALS = [argparse.Namespace]
+_TMP_PREFIX = ".tmp-"
 
 
 class UnsafeCheckpointError(RuntimeError):
     """Raised when a file would need arbitrary unpickling (and so could run code) to load."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """Raised when a checkpoint file is truncated or not a ``torch.save`` file."""
 
 
 def safe_load(path, map_location="cpu"):
@@ -35,16 +40,47 @@ def safe_load(path, map_location="cpu"):
             f"refusing to load {path}: it needs objects that weights-only loading does not allow "
             f"(only tensors, containers and argparse.Namespace are accepted, so that no file can run "
             f"code). Details: {err}") from None
+    except (RuntimeError, EOFError) as err:
+        raise CorruptCheckpointError(f"cannot read checkpoint {path}: the file is truncated or not a "
+                                     f"torch.save file ({type(err).__name__}: {err})") from None
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous file at that path (if any) is untouched."""
+
+    def __init__(self, errno_, message):
+        super().__init__(message)
+        self.errno = errno_
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj, path):
     """``torch.save`` to ``path`` through a temporary file in the same folder, fsync, then rename.
 
-    A crash or a full disk while writing leaves any previous file at ``path`` untouched.
+    A crash, a signal or a full disk while writing leaves any previous file at ``path`` untouched (a
+    process killed mid-write leaves only a ``.tmp-<name>-*`` file, removed by
+    :func:`remove_stale_temp_files`). Errors are raised as :class:`CheckpointWriteError` (an
+    ``OSError``) saying so; ``KeyboardInterrupt``/``SystemExit`` are re-raised unchanged after cleanup.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + os.path.basename(path) + "-", dir=folder)
+    except OSError as err:
+        raise CheckpointWriteError(err.errno, f"could not write checkpoint {path} ({err.strerror}); "
+                                              f"the previous file at that path, if any, is intact") from err
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -54,10 +90,32 @@ def atomic_save(obj, path):
     except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(err, OSError):
-            raise OSError(err.errno, f"could not write checkpoint {path} ({err.strerror}); "
-                                     f"the previous file at that path, if any, is intact") from err
-        raise
+        if not isinstance(err, Exception):
+            raise
+        errno_ = getattr(err, "errno", None)
+        reason = getattr(err, "strerror", None) or f"{type(err).__name__}: {err}"
+        raise CheckpointWriteError(errno_, f"could not write checkpoint {path} ({reason}); "
+                                           f"the previous file at that path, if any, is intact") from err
+    _fsync_dir(folder)
+
+
+def remove_stale_temp_files(folder):
+    """Delete ``.tmp-*`` files left in ``folder`` by :func:`atomic_save` calls killed mid-write.
+
+    Returns the removed paths.
+    """
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in os.listdir(folder):
+        if name.startswith(_TMP_PREFIX) and ".pth-" in name:
+            full = os.path.join(folder, name)
+            try:
+                os.remove(full)
+                removed.append(full)
+            except OSError:
+                pass
+    return removed
 
 
 def _match_prefix(state_dict, model):
