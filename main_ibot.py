@@ -12,19 +12,35 @@ import sys
 from ibot.augment import DataAugmentationiBOT  # noqa: F401  (official name)
 from ibot.cli import check_args, get_args_parser  # noqa: F401
 from ibot.loss import iBOTLoss  # noqa: F401
+from ibot.checkpoint import CheckpointWriteError, CorruptCheckpointError, UnsafeCheckpointError
+from ibot.data import BadImageError
+from ibot.faults import TrainingInterrupted
 from ibot.pretrain import ConfigError, train_ibot
-from ibot.train import train_one_epoch  # noqa: F401
+from ibot.train import NonFiniteLossError, train_one_epoch  # noqa: F401
 
 __all__ = ["get_args_parser", "iBOTLoss", "DataAugmentationiBOT", "train_one_epoch", "train_ibot"]
 
 
 def main(argv=None):
+    """Parse ``argv`` and train. Expected failures print one message (no traceback) and exit with:
+
+    * 2 — bad flags, paths or data found before training (``ConfigError``), or a checkpoint that is
+      unsafe (would run code when unpickled), corrupt or missing where one is required;
+    * 1 — training stopped: non-finite loss/weights (the message names the global step, epoch, term,
+      lr, temperatures and gradient norm), an unreadable image (named), or a failed checkpoint write
+      (the previous checkpoint is intact);
+    * 0 — stopped by SIGTERM (pre-emption) after writing checkpoint.pth; 130 — same after SIGINT.
+    """
     parser = argparse.ArgumentParser("iBOT", parents=[get_args_parser()])
     args = parser.parse_args(argv)
     try:
         train_ibot(args)
-    except ConfigError as err:
+    except (ConfigError, UnsafeCheckpointError, CorruptCheckpointError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except (NonFiniteLossError, BadImageError, CheckpointWriteError) as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
+    except TrainingInterrupted as err:
+        parser.exit(err.exit_code, f"{parser.prog}: {err}\n")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Command-line flags of ``main_ibot.py`` (official names, types and defaults) and their validation."""
 import argparse
+import math
 import os
 
 from models.swin_transformer import check_swin_args
@@ -111,6 +112,15 @@ def get_args_parser():
     parser.add_argument("--head_bottleneck_dim", default=256, type=int, help="Bottleneck width of the head.")
     parser.add_argument("--print_freq", default=10, type=int,
                         help="Log (and read values back from the device) every N iterations.")
+    parser.add_argument("--auto_resume", default=False, type=bool_flag,
+                        help="Resume from <output_dir>/checkpoint.pth when it exists (it then wins over "
+                             "--load_from); for jobs that are restarted with the same command line.")
+    parser.add_argument("--save_every_iters", default=0, type=int,
+                        help="Also write checkpoint.pth every N iterations inside an epoch (0: only at the end "
+                             "of epochs); a resume from it skips the batches of the epoch already trained.")
+    parser.add_argument("--skip_bad_images", default=False, type=bool_flag,
+                        help="Replace unreadable/corrupt image files by the next sample (each is named in a "
+                             "warning) instead of stopping with an error naming the file.")
     return parser
 
 
@@ -159,6 +169,26 @@ def check_args(args):
         errors.append(f"student and teacher patch outputs differ ({patch_dim_student} vs {patch_dim_teacher}): "
                       "with --shared_head_teacher true (default) and --shared_head false, "
                       "--patch_out_dim must equal --out_dim")
+    if args.epochs < 1:
+        errors.append(f"--epochs must be at least 1 (got {args.epochs})")
+    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
+        errors.append(f"--warmup_epochs ({args.warmup_epochs}) must be between 0 and --epochs ({args.epochs})")
+    if args.freeze_last_layer < 0:
+        errors.append(f"--freeze_last_layer must be >= 0 (got {args.freeze_last_layer})")
+    for flag in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "drop_path"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value < 0:
+            errors.append(f"--{flag} must be a finite number >= 0 (got {value})")
+    if not 0 <= args.momentum_teacher <= 1:
+        errors.append(f"--momentum_teacher must be in [0, 1] (got {args.momentum_teacher})")
+    for flag in ("warmup_teacher_temp", "teacher_temp", "warmup_teacher_patch_temp", "teacher_patch_temp"):
+        if not getattr(args, flag) > 0:
+            errors.append(f"--{flag} must be > 0 (got {getattr(args, flag)})")
+    for flag, low in (("num_workers", 0), ("saveckp_freq", 0), ("save_every_iters", 0), ("print_freq", 1)):
+        if getattr(args, flag, low) < low:
+            errors.append(f"--{flag} must be >= {low} (got {getattr(args, flag)})")
     if not args.data_path or not os.path.isdir(args.data_path):
         errors.append(f"--data_path {args.data_path!r} is not a folder")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        errors.append(f"--output_dir {args.output_dir!r} exists and is not a folder")
     return errors

@@ -20,14 +20,16 @@ from models.head import iBOTHead
 
 from . import distributed as dist_utils
 from .augment import DataAugmentationiBOT
-from .checkpoint import atomic_save, restart_from_checkpoint
+from .checkpoint import atomic_save, remove_stale_temp_files, restart_from_checkpoint
 from .cli import check_args
-from .data import ImageFolderMask
+from .data import BadImageError, ImageFolderMask
+from .faults import (ResumableSampler, StepBoundaryLoader, StopOnSignal, TrainingInterrupted, capture_rng_state,
+                     restore_rng_state)
 from .loss import iBOTLoss
 from .misc import fix_random_seeds, get_sha
 from .optim import build_optimizer, get_params_groups, has_batchnorms
 from .schedules import cosine_scheduler
-from .train import train_one_epoch, unwrap
+from .train import NonFiniteLossError, train_one_epoch, unwrap
 from .wrapper import MultiCropWrapper
 
 
@@ -50,18 +52,24 @@ def build_dataset(args):
                                pred_ratio=args.pred_ratio, pred_ratio_var=args.pred_ratio_var,
                                pred_aspect_ratio=(0.3, 1 / 0.3), pred_shape=args.pred_shape,
                                pred_start_epoch=args.pred_start_epoch,
-                               mask_crops=args.global_crops_number, seed=args.seed)
+                               mask_crops=args.global_crops_number, seed=args.seed,
+                               skip_bad_images=getattr(args, "skip_bad_images", False))
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(str(err)) from None
 
 
 def build_data_loader(dataset, args):
-    """Sampler (``DistributedSampler``, also for one process: same order for the same epoch) and loader."""
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist_utils.get_world_size(),
-                                                  rank=dist_utils.get_rank(), shuffle=True)
+    """Sampler (``DistributedSampler`` with its official seed 0, also for one process: same order for the
+    same epoch; a :class:`~ibot.faults.ResumableSampler` so that a mid-epoch resume can skip batches) and
+    loader. The loader has its own generator (reseeded per epoch by the trainer): its per-epoch worker base
+    seed is then not drawn from the global torch RNG, which stays reserved for the training step
+    (drop-path) and so is exactly restorable on resume; crops and masks are seeded per sample anyway.
+    """
+    sampler = ResumableSampler(dataset, num_replicas=dist_utils.get_world_size(), rank=dist_utils.get_rank(),
+                               shuffle=True)
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
                                          num_workers=args.num_workers, pin_memory=args.device.type == "cuda",
-                                         drop_last=True)
+                                         drop_last=True, generator=torch.Generator().manual_seed(args.seed))
     if len(loader) == 0:
         raise ConfigError(f"--data_path {args.data_path} holds {len(dataset)} images, fewer than one batch "
                           f"({args.batch_size_per_gpu} per process × {dist_utils.get_world_size()} processes); "
@@ -178,8 +186,49 @@ def checkpoint_dict(student, teacher, optimizer, epoch, args, ibot_loss, fp16_sc
     return save_dict
 
 
+def resume_path(args):
+    """The checkpoint to resume from: ``<output_dir>/checkpoint.pth`` when ``--auto_resume`` is on and it
+    exists, else ``--load_from`` joined onto ``--output_dir`` (official), else None."""
+    latest = os.path.join(args.output_dir, "checkpoint.pth")
+    if getattr(args, "auto_resume", False) and os.path.isfile(latest):
+        return latest
+    if args.load_from:
+        return os.path.join(args.output_dir, args.load_from)
+    return None
+
+
+def weights_are_finite(*modules):
+    """True when every floating-point parameter and buffer of ``modules`` is finite (one host sync)."""
+    flags = [torch.isfinite(t).all() for m in modules for t in m.state_dict().values()
+             if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _clean_data_error(err):
+    """A ``BadImageError`` re-raised by a DataLoader worker carries the worker's traceback in its
+    message; keep the original message (its last line) and add the remedy."""
+    text = str(err).strip()
+    if "Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("BadImageError") else last
+    return BadImageError(f"{text} (pass --skip_bad_images true to skip unreadable files)")
+
+
 def train_ibot(args):
-    """Run iBOT pre-training with the parsed flags ``args``; returns the last epoch's stats."""
+    """Run iBOT pre-training with the parsed flags ``args``; returns the last epoch's stats.
+
+    Raises ``ConfigError`` (bad flags/paths/data, before training), ``NonFiniteLossError`` (divergence;
+    the last checkpoint is left intact), ``BadImageError`` (unreadable file, naming it),
+    ``CheckpointWriteError`` (saving failed; the previous checkpoint is intact) and
+    ``TrainingInterrupted`` after SIGTERM/SIGINT, once a checkpoint has been written.
+
+    Fault tolerance (beyond the official code): every checkpoint is written atomically and also carries
+    ``iteration`` (batches of epoch ``epoch`` already trained: 0 at epoch ends, >0 for mid-epoch
+    checkpoints of ``--save_every_iters`` or a signal), ``iters_per_epoch`` and ``rng_state`` (Python,
+    NumPy, torch CPU/CUDA). A resume restores the RNG states right before the epoch loop and skips the
+    batches already trained, so that a killed and resumed CPU run ends with the same weights as an
+    uninterrupted one.
+    """
     errors = check_args(args)
     if errors:
         raise ConfigError("\n".join(errors))
@@ -189,11 +238,15 @@ def train_ibot(args):
     print("\n".join(f"{k}: {v}" for k, v in sorted(dict(vars(args)).items())))
     torch.backends.cudnn.benchmark = True
     os.makedirs(args.output_dir, exist_ok=True)
+    if dist_utils.is_main_process():
+        for path in remove_stale_temp_files(args.output_dir):
+            print(f"Removed {path} (left by a run killed while saving a checkpoint).")
 
     # ============ data ... ============
     dataset = build_dataset(args)
     args.has_labels = getattr(dataset, "has_labels", True)
     sampler, data_loader = build_data_loader(dataset, args)
+    niter = len(data_loader)
     print(f"Data loaded: there are {len(dataset)} images.")
 
     # ============ networks ... ============
@@ -203,42 +256,120 @@ def train_ibot(args):
 
     # ============ loss, optimizer, schedules ... ============
     ibot_loss, optimizer, fp16_scaler, (lr_schedule, wd_schedule, momentum_schedule) = build_optimization(
-        student, args, len(data_loader))
+        student, args, niter)
     writer = None
     if dist_utils.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(log_dir=os.path.join(args.output_dir, "tf_logs"))
     print("Loss, optimizer and schedulers ready.")
 
-    to_restore = {"epoch": 0}
-    if args.load_from:
-        restart_from_checkpoint(os.path.join(args.output_dir, args.load_from), run_variables=to_restore,
-                                student=student, teacher=teacher, optimizer=optimizer,
-                                fp16_scaler=fp16_scaler, ibot_loss=ibot_loss)
-    start_epoch = to_restore["epoch"]
+    # ============ resume ... ============
+    to_restore = {"epoch": 0, "iteration": 0, "iters_per_epoch": None, "rng_state": None}
+    path = resume_path(args)
+    if path:
+        restart_from_checkpoint(path, run_variables=to_restore, student=student, teacher=teacher,
+                                optimizer=optimizer, fp16_scaler=fp16_scaler, ibot_loss=ibot_loss)
+    elif getattr(args, "auto_resume", False):
+        print(f"--auto_resume: no checkpoint.pth in {args.output_dir} yet: starting from scratch.")
+    start_epoch, start_iter = int(to_restore["epoch"]), int(to_restore["iteration"] or 0)
+    if start_iter and to_restore["iters_per_epoch"] != niter:
+        raise ConfigError(f"{path} was saved {start_iter} iterations into epoch {start_epoch} with "
+                          f"{to_restore['iters_per_epoch']} iterations per epoch, but these flags give {niter}: "
+                          "resume with the same --batch_size_per_gpu, number of processes and --data_path")
+    if path and os.path.isfile(path) and to_restore["rng_state"] is None:
+        print("Note: the checkpoint holds no RNG state (official format): the resumed run continues "
+              "correctly but does not repeat an uninterrupted run bit for bit.")
+
+    # ============ step-boundary hooks: signals, mid-epoch checkpoints ... ============
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    stop = StopOnSignal()
+    position = {"epoch": start_epoch}
+
+    def stop_requested(poll_collective=True):
+        flag = stop.requested
+        if args.distributed:  # every rank must stop at the same step
+            if not poll_collective:
+                return False
+            t = torch.tensor([1.0 if flag else 0.0], device=args.device)
+            flag = dist_utils.all_reduce_sum(t).item() > 0
+        return flag
+
+    def save(epoch, iteration, reason):
+        """Write checkpoint.pth for ``epoch`` finished epochs + ``iteration`` batches; returns success."""
+        global_step = niter * epoch + iteration - 1
+        if dist_utils.is_main_process() and not weights_are_finite(student, teacher, ibot_loss):
+            msg = (f"the weights are not finite after global step {global_step} (epoch {epoch}, iteration "
+                   f"{iteration}): {reason} checkpoint not written; {ckpt_path} from before is intact")
+            if reason == "periodic":
+                print(f"Warning: {msg}.", flush=True)
+                return False
+            raise NonFiniteLossError(msg)
+        save_dict = checkpoint_dict(student, teacher, optimizer, epoch, args, ibot_loss, fp16_scaler)
+        save_dict.update(iteration=iteration, iters_per_epoch=niter, rng_state=capture_rng_state())
+        if dist_utils.is_main_process():
+            atomic_save(save_dict, ckpt_path)
+            if reason == "epoch" and args.saveckp_freq and (epoch - 1) % args.saveckp_freq == 0 and epoch - 1:
+                atomic_save(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch - 1:04}.pth"))
+        return True
+
+    def interrupt(epoch, iteration):
+        name = stop.signal_name or "SIGTERM"
+        where = f"epoch {epoch}" + (f", iteration {iteration}" if iteration else "")
+        raise TrainingInterrupted(
+            f"stopped on {name} after {where} (finished epochs: {epoch}); checkpoint saved to {ckpt_path}. "
+            f"Continue with the same flags plus --auto_resume true (or --load_from checkpoint.pth).", name)
+
+    def on_step_end(done):
+        if done >= niter:  # end of the epoch: saved by the epoch loop
+            return
+        epoch = position["epoch"]
+        if stop_requested(poll_collective=done % args.print_freq == 0):
+            save(epoch, done, "signal")
+            interrupt(epoch, done)
+        if args.save_every_iters and done % args.save_every_iters == 0:
+            save(epoch, done, "periodic")
+
+    loader = StepBoundaryLoader(data_loader, niter, on_step_end)
 
     start_time = time.time()
     print("Starting iBOT training!")
+    if start_iter:
+        print(f"Resuming inside epoch {start_epoch}: skipping its first {start_iter} of {niter} iterations.")
+    if to_restore["rng_state"] is not None:
+        restore_rng_state(to_restore["rng_state"])
     train_stats = {}
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        data_loader.dataset.set_epoch(epoch)
-        train_stats = train_one_epoch(student, teacher, teacher_without_ddp, ibot_loss, data_loader, optimizer,
-                                      lr_schedule, wd_schedule, momentum_schedule, epoch, fp16_scaler, args)
+    try:
+        with stop:
+            for epoch in range(start_epoch, args.epochs):
+                position["epoch"] = epoch
+                sampler.set_epoch(epoch)
+                data_loader.dataset.set_epoch(epoch)
+                data_loader.generator.manual_seed(args.seed * 1000003 + epoch)
+                if epoch == start_epoch and start_iter:
+                    loader.skip(start_iter)
+                try:
+                    train_stats = train_one_epoch(student, teacher, teacher_without_ddp, ibot_loss, loader,
+                                                  optimizer, lr_schedule, wd_schedule, momentum_schedule, epoch,
+                                                  fp16_scaler, args)
+                except BadImageError as err:
+                    raise _clean_data_error(err) from None
 
-        save_dict = checkpoint_dict(student, teacher, optimizer, epoch + 1, args, ibot_loss, fp16_scaler)
-        if dist_utils.is_main_process():
-            atomic_save(save_dict, os.path.join(args.output_dir, "checkpoint.pth"))
-            if args.saveckp_freq and epoch % args.saveckp_freq == 0 and epoch:
-                atomic_save(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
-            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(log_stats) + "\n")
-            for k, v in train_stats.items():
-                writer.add_scalar(k, v, epoch)
-            writer.flush()
+                save(epoch + 1, 0, "epoch")
+                if dist_utils.is_main_process():
+                    log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+                    with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                        f.write(json.dumps(log_stats) + "\n")
+                    for k, v in train_stats.items():
+                        writer.add_scalar(k, v, epoch)
+                    writer.flush()
+                    if dataset.num_bad_images:
+                        print(f"Skipped {dataset.num_bad_images} unreadable image(s) so far (this process): "
+                              f"{sorted(dataset.bad_images)}")
+                if stop_requested():
+                    interrupt(epoch + 1, 0)
+    finally:
+        if writer is not None:
+            writer.close()
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
-    if writer is not None:
-        writer.close()
     return train_stats
