@@ -165,7 +165,7 @@ def test_extract_topk_cluster(assets, tmp_path, key):
     from analysis.extract_pattern.extract_topk_cluster import build_model, get_args_parser, main
     save = tmp_path / "pat"
     argv = COMMON + ["--pretrained_path", assets["full"], "--checkpoint_key", key, "--data_path",
-                     str(assets["data"] / "train"), "--save_path", str(save), "--img_size", "32", "--out_dim", "64",
+                     str(assets["mini"]), "--save_path", str(save), "--img_size", "32", "--out_dim", "64",
                      "--topk", "4", "--show_pics", "2", "--patch_window", "3", "--batch_size", "8"]
     # prefixes are normalised: the loaded head equals the checkpoint's for teacher and student
     model = build_model(get_args_parser().parse_args(argv))
@@ -177,9 +177,9 @@ def test_extract_topk_cluster(assets, tmp_path, key):
         res = main(argv + ["--type", kind, "--min_brightness", "0"])
         mem = torch.load(res["memory_file"], weights_only=True)
         bank = mem["memory_bank"]
-        assert bank.shape == ((20, 16, 2) if kind == "patch" else (20, 2))
+        assert bank.shape == ((4, 16, 2) if kind == "patch" else (4, 2))
         assert int(mem["num_per_cluster"].sum()) == bank[..., 1].numel()
-        assert len(res["files"]) == 2
+        assert len(res["files"]) == min(2, int((mem["num_per_cluster"] > 0).sum()))
         cell = 3 * 8 if kind == "patch" else 32
         for f in res["files"]:
             assert os.path.basename(f).startswith(f"c{kind}_crank") and f.endswith("_top4.jpg")
@@ -191,12 +191,12 @@ def test_extract_topk_cluster(assets, tmp_path, key):
         tf = transforms.Compose([transforms.Resize(36, interpolation=transforms.InterpolationMode.BICUBIC),
                                  transforms.CenterCrop(32), transforms.ToTensor(),
                                  transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        ds = image_folder(str(assets["data"] / "train"), tf)
-        x = ds[5][0][None]
+        ds = image_folder(str(assets["mini"]), tf)
+        x = ds[3][0][None]
         with torch.no_grad():
             h = model.head.bottleneck(model.backbone(x, return_all_tokens=True))
             logits = model.head.patch_logits(h[:, 1:])[0] if kind == "patch" else model.head.cls_logits(h[:, 0])[0]
-        assert torch.equal(bank[5][..., 1].long(), logits.argmax(-1))
+        assert torch.equal(bank[3][..., 1].long(), logits.argmax(-1))
         # a re-run reuses the bank (no model is built)
         if key == "teacher" and kind == "cls":
             mtime = os.path.getmtime(res["memory_file"])
