@@ -96,7 +96,8 @@ class iBOTLoss(nn.Module):
         n_s = log_p_s.shape[0] // self.ncrops if student_local_cls is not None else log_p_s.shape[0] // self.ngcrops
         log_p_s = log_p_s.reshape(-1, n_s, log_p_s.shape[-1])      # (crops, B, K)
         p_t = p_t.reshape(self.ngcrops, n_s, -1)                     # (ng, B, K)
-        pair = -torch.einsum("qbk,vbk->qv", p_t, log_p_s) / n_s     # (ng, crops)
+        with torch.autocast(device_type=p_t.device.type, enabled=False):  # fp32 sums, as the official
+            pair = -torch.einsum("qbk,vbk->qv", p_t, log_p_s) / n_s     # (ng, crops)
         same_view = torch.eye(self.ngcrops, pair.shape[1], dtype=torch.bool, device=pair.device)
         n_pairs = self.ngcrops * (pair.shape[1] - 1)
         return self.lambda1 * pair.masked_fill(same_view, 0).sum() / n_pairs

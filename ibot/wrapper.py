@@ -12,10 +12,13 @@ import torch.nn as nn
 
 
 def _group_by_width(x):
-    """End indices of runs of consecutive crops with the same width (official grouping, quirk Q28)."""
-    widths = torch.tensor([inp.shape[-1] for inp in x])
-    counts = torch.unique_consecutive(widths, return_counts=True)[1]
-    return torch.cumsum(counts, 0).tolist()
+    """End indices of runs of consecutive crops with the same width (official grouping, quirk Q28).
+
+    Plain Python on the shapes (the official ``unique_consecutive``/``cumsum`` on a tensor, without
+    creating tensors in the step).
+    """
+    widths = [inp.shape[-1] for inp in x]
+    return [i for i in range(1, len(widths)) if widths[i] != widths[i - 1]] + [len(widths)]
 
 
 class MultiCropWrapper(nn.Module):
