@@ -42,13 +42,16 @@ class LinearEvalViT(nn.Module):
         self.linear = nn.Linear(dim, num_classes)
 
     def forward(self, x):
+        """x (B, 3, H, W) -> logits (B, num_classes)."""
         return self.linear(frozen_features(self.backbone, x, self.n_last_blocks, self.avgpool))
 
     def state_dict(self, *args, **kwargs):
+        """Merged layout: backbone keys without prefix + ``linear.weight`` (C, d) / ``linear.bias`` (C,)."""
         sd = super().state_dict(*args, **kwargs)
         return {(k[len("backbone."):] if k.startswith("backbone.") else k): v for k, v in sd.items()}
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Load the merged layout written by :mod:`analysis.combine_ckpt` (see :meth:`state_dict`)."""
         sd = {(k if k.startswith("linear.") else "backbone." + k): v for k, v in state_dict.items()}
         return super().load_state_dict(sd, strict=strict, assign=assign)
 

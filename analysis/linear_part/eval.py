@@ -73,6 +73,7 @@ class PartFeatures(nn.Module):
         return self._forward(x)[1]
 
     def get_intermediate_layers(self, x, n=1):
+        """x (B, 3, H, W) -> ``[(B, 1 + k, D)]`` ([CLS] output + the k selected patch tokens); n ignored."""
         t, idx = self._forward(x)
         sel = torch.gather(t[:, 1:], 1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
         return [torch.cat([t[:, :1], sel], dim=1)]
