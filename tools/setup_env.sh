@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create ./.venv with the locked dependencies and make sure the Fashion-MNIST files are present.
+# Idempotent: a second call only checks. Used by the README commands and by CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    echo "Installing Debian's dataset-fashion-mnist (Fashion-MNIST IDX files)..."
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c "import torch, torchvision, timm, sklearn, tensorboard, matplotlib, pytest" 2>/dev/null; then
+    echo "Installing the locked dependencies into $VENV (about a minute)..."
+    "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-lock.txt
+fi
+"$VENV/bin/python" -c "import torch, torchvision, timm; print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}')"
