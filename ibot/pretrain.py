@@ -28,6 +28,7 @@ from .faults import (ResumableSampler, StepBoundaryLoader, StopOnSignal, Trainin
 from .loss import iBOTLoss
 from .misc import fix_random_seeds, get_sha
 from .optim import build_optimizer, get_params_groups, has_batchnorms
+from .periodic_eval import PeriodicKNN, should_evaluate
 from .schedules import cosine_scheduler
 from .train import NonFiniteLossError, train_one_epoch, unwrap
 from .wrapper import MultiCropWrapper
@@ -45,7 +46,8 @@ def mask_cell_size(args):
 def build_dataset(args):
     """The pre-training ``ImageFolderMask`` with the multi-crop transform of the flags."""
     transform = DataAugmentationiBOT(args.global_crops_scale, args.local_crops_scale, args.global_crops_number,
-                                     args.local_crops_number, args.global_crops_size, args.local_crops_size)
+                                     args.local_crops_number, args.global_crops_size, args.local_crops_size,
+                                     blur_radius_scale=getattr(args, "blur_radius_scale", 1.0))
     pred_size = mask_cell_size(args)
     try:
         return ImageFolderMask(args.data_path, transform=transform, patch_size=pred_size,
@@ -314,9 +316,10 @@ def train_ibot(args):
 
     def interrupt(epoch, iteration):
         name = stop.signal_name or "SIGTERM"
-        where = f"epoch {epoch}" + (f", iteration {iteration}" if iteration else "")
+        where = (f"after iteration {iteration} of {niter} of epoch {epoch}" if iteration
+                 else f"after {epoch} finished epoch(s)")
         raise TrainingInterrupted(
-            f"stopped on {name} after {where} (finished epochs: {epoch}); checkpoint saved to {ckpt_path}. "
+            f"stopped on {name} {where}; checkpoint saved to {ckpt_path}. "
             f"Continue with the same flags plus --auto_resume true (or --load_from checkpoint.pth).", name)
 
     def on_step_end(done):
@@ -330,6 +333,7 @@ def train_ibot(args):
             save(epoch, done, "periodic")
 
     loader = StepBoundaryLoader(data_loader, niter, on_step_end)
+    periodic_knn = PeriodicKNN(args) if getattr(args, "eval_every", 0) > 0 else None
 
     start_time = time.time()
     print("Starting iBOT training!")
@@ -355,11 +359,16 @@ def train_ibot(args):
                     raise _clean_data_error(err) from None
 
                 save(epoch + 1, 0, "epoch")
+                knn_stats = {}
+                if periodic_knn is not None and should_evaluate(epoch, args):  # every rank takes part
+                    knn_stats = periodic_knn({"teacher": teacher_without_ddp.backbone,
+                                              "student": unwrap(student).backbone})
+                    print(f"Epoch {epoch} k-NN: {knn_stats}", flush=True)
                 if dist_utils.is_main_process():
-                    log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+                    log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **knn_stats, "epoch": epoch}
                     with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                         f.write(json.dumps(log_stats) + "\n")
-                    for k, v in train_stats.items():
+                    for k, v in {**train_stats, **knn_stats}.items():
                         writer.add_scalar(k, v, epoch)
                     writer.flush()
                     if dataset.num_bad_images:

@@ -131,6 +131,16 @@ def test_stop_on_signal_sets_flag_and_restores_handler():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_second_sigint_interrupts_at_once():
+    with StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+
+
 def test_atomic_save_crash_keeps_previous(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
     atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
