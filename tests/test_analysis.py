@@ -16,7 +16,6 @@ pytestmark = [pytest.mark.filterwarnings(f"error::{w}:(analysis|ibot)")
               for w in ("DeprecationWarning", "FutureWarning", "UserWarning")]
 
 FMNIST_SRC = "/usr/share/datasets/fashion-mnist"
-needs_fmnist = pytest.mark.skipif(not os.path.isdir(FMNIST_SRC), reason="Fashion-MNIST package not installed")
 COMMON = ["--arch", "vit_tiny", "--patch_size", "8"]
 
 
@@ -96,7 +95,6 @@ def test_shuffle_patches_is_a_tile_permutation():
 
 # --------------------------------------------------------------------------- tools
 
-@needs_fmnist
 def test_visualize_attention_folder_and_single(assets, tmp_path):
     from analysis.attention_map.visualize_attention import main
     out = tmp_path / "attn"
@@ -124,7 +122,6 @@ def test_visualize_attention_folder_and_single(assets, tmp_path):
     assert res["files"] == [str(out / "attn.png")] and _size(out / "attn.png") == (24 * 5 + 8, 40)
 
 
-@needs_fmnist
 def test_video_generation_frames_and_video(assets, tmp_path):
     from analysis.attention_map.video_generation import main
     frames = tmp_path / "frames"
@@ -141,7 +138,6 @@ def test_video_generation_frames_and_video(assets, tmp_path):
         assert im.n_frames == 4 and im.size == (32, 32)
 
 
-@needs_fmnist
 @pytest.mark.parametrize("sample_type", ["class", "instance"])
 def test_correspondence(assets, tmp_path, sample_type):
     from analysis.correspondence.visualize_correspondence import main
@@ -159,7 +155,6 @@ def test_correspondence(assets, tmp_path, sample_type):
         assert res["accuracy"] is None
 
 
-@needs_fmnist
 @pytest.mark.parametrize("key", ["teacher", "student"])
 def test_extract_topk_cluster(assets, tmp_path, key):
     from analysis.extract_pattern.extract_topk_cluster import build_model, get_args_parser, main
@@ -205,7 +200,6 @@ def test_extract_topk_cluster(assets, tmp_path, key):
             assert os.path.getmtime(res["memory_file"]) >= mtime
 
 
-@needs_fmnist
 def test_combine_ckpt_and_occlusion(assets, tmp_path):
     from analysis.combine_ckpt import main as combine
     from analysis.imagenet_models import vit_tiny
@@ -230,7 +224,6 @@ def test_combine_ckpt_and_occlusion(assets, tmp_path):
         assert "random_drop" in json.load(f)
 
 
-@needs_fmnist
 @pytest.mark.slow
 def test_occlusion_saliency(assets, tmp_path):
     from analysis.occlusion.eval import main as occlusion
@@ -262,7 +255,6 @@ def test_part_features():
     assert torch.allclose(feats, torch.stack([tokens[b, idx[b]].mean(0) for b in range(2)]), atol=1e-5)
 
 
-@needs_fmnist
 @pytest.mark.slow
 def test_linear_part_run(assets, tmp_path):
     from analysis.linear_part.eval import main
@@ -274,7 +266,6 @@ def test_linear_part_run(assets, tmp_path):
     assert len(ck["optimizers"]) == 45 and "44.module.linear.weight" in ck["state_dict"]
 
 
-@needs_fmnist
 @pytest.mark.parametrize("shape", ["block", "rand"])
 def test_mask_viewer(assets, tmp_path, shape):
     from analysis.mask_viewer.visualize_masks import main

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from ibot.knn import knn_classifier
+from official_fixtures import FIXTURES
 
-FIX = "/work/shared/fixtures/official/knn.pt"
+FIX = str(FIXTURES / "knn.pt")
 
 
-@pytest.mark.skipif(not os.path.exists(FIX), reason="official fixtures not available")
 def test_knn_classifier_matches_official():
     d = torch.load(FIX, weights_only=True)
     for k, ref in d["results"].items():
@@ -104,14 +104,12 @@ def test_eval_knn_errors(tmp_path):
         main(_args(str(tmp_path), "--load_features", str(tmp_path)))
 
 
-@pytest.mark.skipif(not os.path.exists("/work/shared/fixtures/official/swin_small_config.pt"),
-                    reason="official fixtures not available")
 def test_swin_frozen_features_and_loading(tmp_path):
     """Swin: §1.4 features on get_intermediate_layers (token 0 = pooled) and checkpoint loading."""
     from ibot.features import feature_dim, frozen_features
     from ibot.pretrained import load_pretrained_weights
     from models.swin_transformer import SwinTransformer
-    d = torch.load("/work/shared/fixtures/official/swin_small_config.pt", weights_only=True)
+    d = torch.load(str(FIXTURES / "swin_small_config.pt"), weights_only=True)
     cfg = {k: v for k, v in d["config"].items() if k not in ("return_all_tokens", "masked_im_modeling")}
     model = SwinTransformer(num_classes=0, **cfg).eval()
     torch.save({"teacher": {"backbone." + k: v for k, v in d["state_dict"].items()}}, tmp_path / "c.pth")

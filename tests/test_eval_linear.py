@@ -4,8 +4,9 @@ import os
 
 import pytest
 import torch
+from official_fixtures import FIXTURES
 
-FIX = "/work/shared/fixtures/official"
+FIX = str(FIXTURES)
 OFFICIAL = os.path.join(FIX, "official_checkpoint.pth")
 
 
@@ -97,7 +98,6 @@ def test_linear_missing_data_folder(tmp_path):
         eval_linear.main(args)
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(FIX, "knn.pt")), reason="fixtures not available")
 def test_logistic_regression_on_fixture_features(tmp_path):
     from evaluation import eval_logistic_regression as lr
     d = torch.load(os.path.join(FIX, "knn.pt"), weights_only=True)
@@ -112,7 +112,6 @@ def test_logistic_regression_on_fixture_features(tmp_path):
     assert out[0.001] == pytest.approx(acc) and 0.0 <= out[1.0] <= out[0.001]
 
 
-@pytest.mark.skipif(not os.path.exists(OFFICIAL), reason="fixtures not available")
 @pytest.mark.parametrize("key", ["teacher", "student"])
 def test_unsup_cls_loads_both_prefixes(fmnist_mini, monkeypatch, key):
     from evaluation.unsupervised import unsup_cls

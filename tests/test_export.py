@@ -9,10 +9,10 @@ import torch
 
 from ibot.checkpoint import safe_load
 from ibot.export import ExportError, export_timm, timm_config, to_timm_state_dict
+from official_fixtures import FIXTURES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OFFICIAL = "/work/shared/fixtures/official/official_checkpoint.pth"
-needs_fixtures = pytest.mark.skipif(not os.path.exists(OFFICIAL), reason="official fixtures not available")
+OFFICIAL = str(FIXTURES / "official_checkpoint.pth")
 
 
 def _module(rel):
@@ -27,7 +27,6 @@ def _run(rel, argv):
     return mod.main(mod.get_args_parser().parse_args(argv))
 
 
-@needs_fixtures
 @pytest.mark.parametrize("key,prefix", [("teacher", "backbone."), ("student", "module.backbone.")])
 def test_official_extract_formats(tmp_path, key, prefix):
     entry = safe_load(OFFICIAL)[key]
@@ -49,7 +48,6 @@ def test_official_extract_formats(tmp_path, key, prefix):
     assert safe_load(flat).keys() == expected.keys()
 
 
-@needs_fixtures
 def test_extract_errors(tmp_path):
     with pytest.raises(ExportError, match=r"'state_dict' not found.*'teacher'"):
         _run("extract_backbone_weights.py", [OFFICIAL, str(tmp_path / "a.pth")])  # default key state_dict
@@ -61,7 +59,6 @@ def test_extract_errors(tmp_path):
     assert not (tmp_path / "a.pth").exists()
 
 
-@needs_fixtures
 @pytest.mark.parametrize("key", ["teacher", "student"])
 def test_timm_export_round_trip(tmp_path, key):
     from ibot.pretrained import load_pretrained_weights

@@ -9,8 +9,9 @@ import torch.nn as nn
 
 from ibot.checkpoint import safe_load
 from models.head import DINOHead, iBOTHead, official_param_name
+from official_fixtures import FIXTURES
 
-FIX = Path("/work/shared/fixtures/official")
+FIX = FIXTURES
 
 
 @pytest.fixture(scope="module")

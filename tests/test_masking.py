@@ -10,12 +10,9 @@ import pytest
 
 from ibot.masking import (MaskGenerator, block_mask, check_mask_args, normalize_ratio_args,
                           rand_mask, sample_pred_ratio)
+from official_fixtures import fixture_path
 
-FIXTURE = "/work/shared/fixtures/official/mask_stats.json"
-MASK_STATS = []
-if os.path.isfile(FIXTURE):
-    with open(FIXTURE) as _f:
-        MASK_STATS = json.load(_f)
+MASK_STATS = json.loads(fixture_path("mask_stats.json").read_text())
 # the 5 settings of the fixture, in file order
 CASE_IDS = ["block-psz16-readme", "block-psz16-r0.3", "rand-psz16-r0.65|0.75", "block-psz4-32px",
             "block-psz32-swin-r0.4"]
@@ -32,7 +29,6 @@ def _draw(cfg, n, seed):
     return out
 
 
-@pytest.mark.skipif(not MASK_STATS, reason=f"official fixture {FIXTURE} not available")
 @pytest.mark.parametrize("case", range(len(CASE_IDS)), ids=CASE_IDS)
 def test_matches_official_statistics(case):
     assert len(MASK_STATS) == len(CASE_IDS)

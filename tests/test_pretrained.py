@@ -9,10 +9,10 @@ import torch
 from ibot.checkpoint import UnsafeCheckpointError
 from ibot.pretrained import (PretrainedWeightsError, backbone_state_dict, load_pretrained_weights,
                              strip_prefixes)
+from official_fixtures import FIXTURES
 
-FIX = "/work/shared/fixtures/official"
+FIX = str(FIXTURES)
 OFFICIAL = os.path.join(FIX, "official_checkpoint.pth")
-needs_fixtures = pytest.mark.skipif(not os.path.exists(OFFICIAL), reason="official fixtures not available")
 
 
 def tiny_vit(**kw):
@@ -27,7 +27,6 @@ def _official():
     return safe_load(OFFICIAL)
 
 
-@needs_fixtures
 @pytest.mark.parametrize("key", ["teacher", "student"])
 def test_official_checkpoint_loads(key):
     model = tiny_vit()
@@ -40,7 +39,6 @@ def test_official_checkpoint_loads(key):
         assert "masked_embed" in report["dropped"]
 
 
-@needs_fixtures
 def test_official_teacher_features():
     model = tiny_vit()
     load_pretrained_weights(model, OFFICIAL, "teacher", "vit_tiny", 8)
@@ -51,7 +49,6 @@ def test_official_teacher_features():
     torch.testing.assert_close(out, fx[out_key], atol=1e-5, rtol=0)
 
 
-@needs_fixtures
 def test_student_with_masked_embed_model():
     model = tiny_vit(masked_im_modeling=True)
     report = load_pretrained_weights(model, OFFICIAL, "student")
@@ -63,7 +60,6 @@ def test_student_with_masked_embed_model():
     assert torch.count_nonzero(model.masked_embed) == 0
 
 
-@needs_fixtures
 @pytest.mark.parametrize("wrapper", [None, "state_dict", "model", "module"])
 def test_backbone_file_formats(tmp_path, wrapper):
     teacher = _official()["teacher"]
@@ -89,7 +85,6 @@ def test_prefix_stripping_only_at_start():
     assert list(bb) == ["a.backbone.b"] and dropped == ["head.mlp.0.weight"]
 
 
-@needs_fixtures
 def test_pos_embed_interpolated_for_other_grid():
     model = tiny_vit(img_size=64)  # 8x8 grid, checkpoint has 4x4
     report = load_pretrained_weights(model, OFFICIAL, "teacher")
@@ -98,14 +93,12 @@ def test_pos_embed_interpolated_for_other_grid():
     assert torch.equal(model.pos_embed[:, 0], teacher["backbone.pos_embed"][:, 0])
 
 
-@needs_fixtures
 def test_mean_pooling_model_drops_norm():
     model = tiny_vit(use_mean_pooling=True)
     report = load_pretrained_weights(model, OFFICIAL, "teacher")
     assert "norm.weight" in report["dropped"] and not report["missing"]
 
 
-@needs_fixtures
 def test_other_architecture_fails_with_names():
     model = tiny_vit(embed_dim=96, depth=3)
     with pytest.raises(PretrainedWeightsError) as err:
@@ -120,7 +113,6 @@ def test_other_architecture_fails_with_names():
     assert torch.equal(model.blocks[0].attn.qkv.weight, _official()["teacher"]["backbone.blocks.0.attn.qkv.weight"])
 
 
-@needs_fixtures
 def test_unknown_checkpoint_key_lists_keys():
     with pytest.raises(PretrainedWeightsError, match=r"'nope' not found.*'student', 'teacher'"):
         load_pretrained_weights(tiny_vit(), OFFICIAL, "nope")

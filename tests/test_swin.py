@@ -16,8 +16,9 @@ from models.swin_transformer import (
     swin_small,
     swin_tiny,
 )
+from official_fixtures import FIXTURES
 
-FIXTURE = Path("/work/shared/fixtures/official/swin_small_config.pt")
+FIXTURE = FIXTURES / "swin_small_config.pt"
 ATOL = 1e-5
 
 

@@ -9,8 +9,9 @@ import torch.nn as nn
 
 from ibot.checkpoint import safe_load
 from models.vision_transformer import VisionTransformer, vit_base, vit_small, vit_tiny, vit_large
+from official_fixtures import FIXTURES
 
-FIX = Path("/work/shared/fixtures/official")
+FIX = FIXTURES
 
 
 def _small(masked=True, **kw):
