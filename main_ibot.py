@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from ibot.augment import DataAugmentationiBOT  # noqa: F401  (official name)
-from ibot.cli import check_args, get_args_parser  # noqa: F401
+from ibot.cli import get_args_parser
 from ibot.loss import iBOTLoss  # noqa: F401
 from ibot.checkpoint import CheckpointWriteError, CorruptCheckpointError, UnsafeCheckpointError
 from ibot.data import BadImageError

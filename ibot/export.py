@@ -13,7 +13,6 @@
 import math
 import re
 
-import torch
 
 from ibot.checkpoint import safe_load
 from ibot.pretrained import select_state_dict, strip_prefixes

@@ -1,7 +1,6 @@
 """Tests of models/head.py against the official fixtures and spec section 1.5."""
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Tests of models/swin_transformer.py against the official iBOT Swin (fixture + spec section 3)."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch

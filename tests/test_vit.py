@@ -1,7 +1,6 @@
 """Tests of models/vision_transformer.py against the official fixtures and spec section 2."""
 import math
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch

@@ -36,7 +36,6 @@ Deviations from the reference:
 import argparse
 import datetime
 import glob
-import json
 import os
 import re
 import sys
