@@ -1,5 +1,4 @@
 """Shared test set-up: small Fashion-MNIST folders built once per session from the Debian package."""
-import os
 import sys
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """End-to-end pre-training, the checkpoint format, resume (ours and the official file) and bad flags."""
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
