@@ -11,14 +11,15 @@
 #
 # Environment (official names): MAX_GPUS (8), GPUS_PER_NODE, OUTPUT_DIR, PRETRAINED
 # ($OUTPUT_DIR/checkpoint.pth), TOTAL_NODES (1), NODE_ID (0), MASTER_ADDR (127.0.0.1), MASTER_PORT
-# (29500), AVGPOOL / LINEAR_AVGPOOL / LINEAR_N_LAST_BLOCKS, WEIGHT_FILE, PYTHON (python3).
+# (29500), AVGPOOL / LINEAR_AVGPOOL / LINEAR_N_LAST_BLOCKS, WEIGHT_FILE, PYTHON (.venv/bin/python if
+# tools/setup_env.sh made it, else python3).
 # Launches use torchrun (never torch.distributed.launch). Extra args go to pre-training, and to the
 # evaluation tasks only when TYPE contains no pre-training (official rule); EVAL_ARGS is appended to
 # every evaluation command (this repository's addition, for combined runs).
 set -euo pipefail
 
 if [ $# -lt 5 ]; then
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 
@@ -29,7 +30,7 @@ echo "The work dir is: $CURDIR"
 
 TYPE=$1; JOB_NAME=$2; ARCH=$3; KEY=$4; GPUS=$5
 EXTRA=("${@:6}")
-PYTHON=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ]; then if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi; fi
 MAX_GPUS=${MAX_GPUS:-8}
 if [ "$GPUS" -lt "$MAX_GPUS" ]; then GPUS_PER_NODE=${GPUS_PER_NODE:-$GPUS}; else GPUS_PER_NODE=${GPUS_PER_NODE:-$MAX_GPUS}; fi
 OUTPUT_DIR=${OUTPUT_DIR:-$CURDIR/work_dirs/$JOB_NAME}
@@ -71,6 +72,16 @@ if [[ $TYPE =~ pretrain ]]; then
     mkdir -p "$OUTPUT_DIR"
     launch "$MASTER_PORT" main_ibot.py --arch "$ARCH" --output_dir "$OUTPUT_DIR" \
         --data_path data/imagenet/train "${EXTRA[@]}"
+fi
+
+if [[ $TYPE =~ fmnist_demo ]]; then
+    # small-image recipe on 32-px Fashion-MNIST with a per-epoch k-NN (logic in ibot/demo.py)
+    DEMO_DATA=${DEMO_DATA:-data/fmnist32}
+    echo "==> Fashion-MNIST demo: pre-training $ARCH into $OUTPUT_DIR"
+    "$PYTHON" -m ibot.demo prepare --data "$DEMO_DATA" --output_dir "$OUTPUT_DIR"
+    read -r -a DEMO_FLAGS <<< "$("$PYTHON" -m ibot.demo flags --data "$DEMO_DATA")"
+    launch "$MASTER_PORT" main_ibot.py --arch "$ARCH" --output_dir "$OUTPUT_DIR" "${DEMO_FLAGS[@]}" "${EXTRA[@]}"
+    "$PYTHON" -m ibot.demo report --data "$DEMO_DATA" --output_dir "$OUTPUT_DIR"
 fi
 
 for K in "${!KEY_LIST[@]}"; do
