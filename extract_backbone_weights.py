@@ -65,4 +65,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    parser = get_args_parser()
+    try:
+        main(parser.parse_args())
+    except (ExportError, FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
+        # unsafe, corrupt or foreign files: one clear line, no traceback (nothing was written)
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
