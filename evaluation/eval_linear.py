@@ -42,6 +42,7 @@ from ibot.checkpoint import atomic_save, safe_load
 from ibot.features import (build_backbone, check_image_folder, dist_ready, eval_transform, feature_dim,
                            frozen_features, image_folder, make_loader, train_transform)
 from ibot.misc import bool_flag, fix_random_seeds, get_sha
+from ibot.optim import LARS
 from ibot.pretrained import load_pretrained_weights
 
 __all__ = ["LinearClassifier", "LARS", "HeadSpec", "get_args_parser", "main", "run_linear", "build_linear_data",
@@ -62,37 +63,6 @@ class LinearClassifier(nn.Module):
 
     def forward(self, x):
         return self.linear(x.view(x.size(0), -1))
-
-
-class LARS(torch.optim.Optimizer):
-    """LARS (official DINO/iBOT variant): momentum SGD whose update of every parameter with ndim > 1
-    gets weight decay and the trust ratio η‖p‖/‖update‖ (1 when either norm is 0); biases do not."""
-
-    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for g in self.param_groups:
-            for p in g["params"]:
-                dp = p.grad
-                if dp is None:
-                    continue
-                if p.ndim > 1:
-                    dp = dp.add(p, alpha=g["weight_decay"])
-                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
-                    one = torch.ones_like(param_norm)
-                    q = torch.where(param_norm > 0.0,
-                                    torch.where(update_norm > 0, g["eta"] * param_norm / update_norm, one), one)
-                    dp = dp.mul(q)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(g["momentum"]).add_(dp)
-                p.add_(mu, alpha=-g["lr"])
-        return loss
 
 
 class HeadSpec:

@@ -36,7 +36,11 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -55,6 +59,7 @@ class LARS(torch.optim.Optimizer):
                 mu = state["mu"]
                 mu.mul_(group["momentum"]).add_(dp)
                 p.add_(mu, alpha=-group["lr"])
+        return loss
 
 
 def build_optimizer(name, param_groups, device_type="cpu"):
