@@ -7,6 +7,7 @@ from models.swin_transformer import check_swin_args
 
 from .masking import check_mask_args
 from .misc import bool_flag
+from .periodic_eval import check_eval_args
 
 ARCHS = ["vit_tiny", "vit_small", "vit_base", "vit_large", "deit_tiny", "deit_small",
          "swin_tiny", "swin_small", "swin_base", "swin_large"]
@@ -121,6 +122,25 @@ def get_args_parser():
     parser.add_argument("--skip_bad_images", default=False, type=bool_flag,
                         help="Replace unreadable/corrupt image files by the next sample (each is named in a "
                              "warning) instead of stopping with an error naming the file.")
+    # small-image recipe (docs/small_image_recipe.md) and periodic evaluation
+    parser.add_argument("--blur_radius_scale", default=1.0, type=float,
+                        help="Multiply every Gaussian-blur radius of the multi-crop augmentation (1.0 = official; "
+                             "0 disables blurring).")
+    parser.add_argument("--eval_every", default=0, type=int,
+                        help="Run the k-NN protocol of eval_knn.py on --eval_data_path every N epochs and after "
+                             "the last one (0: never); results go to log.txt and TensorBoard.")
+    parser.add_argument("--eval_data_path", default="", type=str,
+                        help="Labelled folder with train/ and val/ for --eval_every.")
+    parser.add_argument("--eval_keys", default="teacher,student", type=str,
+                        help="Backbones evaluated by --eval_every: teacher, student or teacher,student.")
+    parser.add_argument("--eval_nb_knn", default=[20], type=int, nargs="+", help="k values of --eval_every.")
+    parser.add_argument("--eval_temperature", default=0.07, type=float, help="k-NN voting temperature.")
+    parser.add_argument("--eval_resize_size", default=256, type=int,
+                        help="Evaluation resize (shorter side, bicubic), as eval_knn.py --resize_size.")
+    parser.add_argument("--eval_crop_size", default=224, type=int,
+                        help="Evaluation centre crop, as eval_knn.py --crop_size.")
+    parser.add_argument("--eval_batch_size", default=128, type=int, help="Images per process and evaluation batch.")
+    parser.add_argument("--eval_num_workers", default=2, type=int, help="Data loading workers of the evaluation.")
     return parser
 
 
@@ -191,4 +211,7 @@ def check_args(args):
         errors.append(f"--data_path {args.data_path!r} is not a folder")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         errors.append(f"--output_dir {args.output_dir!r} exists and is not a folder")
+    if not math.isfinite(getattr(args, "blur_radius_scale", 1.0)) or getattr(args, "blur_radius_scale", 1.0) < 0:
+        errors.append(f"--blur_radius_scale must be a finite number >= 0 (got {args.blur_radius_scale})")
+    errors += check_eval_args(args)
     return errors
