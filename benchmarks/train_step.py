@@ -7,8 +7,8 @@ Accepts every ``main_ibot.py`` flag (``ibot.cli.get_args_parser`` is the parent 
 - ``--mode fast|reference|both``: the fast step (``--train_step fast``) or the official computation
   (``--train_step reference``: heads on every token, explicit attention, host syncs, Python EMA);
   ``both`` runs each mode in its own child process (peak RSS is per process) and prints the ratio;
-- ``--threads T`` (``torch.set_num_threads``), ``--compile`` (``torch.compile`` the two backbones,
-  experimental), ``--profile`` (``torch.profiler`` table of one step on stderr), ``--no_flops``.
+- ``--threads T`` (``torch.set_num_threads``), ``--compile true`` (``torch.compile`` the two backbones,
+  experimental), ``--single_student_pass true``, ``--profile`` (``torch.profiler`` table of one step on stderr), ``--no_flops``.
 
 The networks, loss, optimizer, precision and schedules are built with the functions of
 ``ibot/pretrain.py``; the images are random tensors of the crop sizes and the masks are drawn, per
@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from ibot import pretrain  # noqa: E402
 from ibot.cli import get_args_parser  # noqa: E402
 from ibot.masking import MaskGenerator  # noqa: E402
+from ibot.misc import bool_flag  # noqa: E402
 from ibot.optim import common_parameters  # noqa: E402
 from ibot.train import train_step, unwrap  # noqa: E402
 
@@ -56,7 +57,13 @@ def get_parser():
     parser.add_argument("--mode", default="fast", choices=["fast", "reference", "both"],
                         help="fast step, official (reference) step, or both in separate processes.")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the backbones (experimental).")
+    known = {opt for action in parser._actions for opt in action.option_strings}
+    if "--compile" not in known:
+        parser.add_argument("--compile", type=bool_flag, default=False,
+                            help="torch.compile the two backbones (experimental; no gain measured on CPU).")
+    if "--single_student_pass" not in known:
+        parser.add_argument("--single_student_pass", type=bool_flag, default=False,
+                            help="Fast step: one student call over global and local crops.")
     parser.add_argument("--profile", action="store_true", help="Print a torch.profiler table of one step.")
     parser.add_argument("--no_flops", action="store_true", help="Skip the FLOP count.")
     parser.add_argument("--bench_epoch", type=int, default=0,
@@ -183,6 +190,7 @@ def run(args):
                   s_per_step_all=[round(t, 4) for t in times],
                   cpu_s_per_step=round(statistics.median(cpu_times), 4), peak_mem_mb=round(mem, 1),
                   loss=round(loss, 5), threads=torch.get_num_threads(), compile=args.compile,
+                  single_student_pass=args.single_student_pass,
                   arch=args.arch, patch_size=args.patch_size, batch_size_per_gpu=args.batch_size_per_gpu,
                   global_crops=f"{args.global_crops_number}x{args.global_crops_size}",
                   local_crops=f"{args.local_crops_number}x{args.local_crops_size}", out_dim=args.out_dim,

@@ -57,21 +57,30 @@ def _local_crops_context(student):
     return ctx()
 
 
-def forward_fast(student, teacher_without_ddp, ibot_loss, images, masks, epoch, ngcrops, device):
+def forward_fast(student, teacher_without_ddp, ibot_loss, images, masks, epoch, ngcrops, device, single_pass=False):
     """Fast forward + loss. ``images``: list of crop batches on ``device``; ``masks``: list of at least
     ``ngcrops`` CPU bool tensors ``(B, H, W)``. Returns ``(loss dict, teacher cls (ng·B, K), student cls)``.
+
+    ``single_pass``: one student call over global and local crops (one head pass over every [CLS]
+    and masked token) instead of two; same values.
     """
     global_masks = torch.cat(list(masks[:ngcrops]))
     index, weight = masked_token_weights(global_masks)
     index, weight = index.to(device, non_blocking=True), weight.to(device, non_blocking=True)
     device_masks = [m.to(device, non_blocking=True) for m in masks[:ngcrops]]
 
-    t_cls, t_patch_masked, t_patch_mean = teacher_without_ddp.teacher_outputs(images[:ngcrops], index)
-    s_cls, s_patch_masked = student(images[:ngcrops], mask=device_masks, masked_index=index)
+    # with --center2_tokens masked the teacher head runs on [CLS] and masked tokens only
+    t_cls, t_patch_masked, t_patch_mean = teacher_without_ddp.teacher_outputs(
+        images[:ngcrops], index, patch_mean=ibot_loss.center2_tokens == "all")
     s_local_cls = None
-    if len(images) > ngcrops:
-        with _local_crops_context(student):
-            s_local_cls = student(images[ngcrops:], cls_only=True)
+    if single_pass and len(images) > ngcrops:
+        s_cls, s_patch_masked = student(images, mask=device_masks, masked_index=index)
+        s_cls, s_local_cls = s_cls[:t_cls.shape[0]], s_cls[t_cls.shape[0]:]
+    else:
+        s_cls, s_patch_masked = student(images[:ngcrops], mask=device_masks, masked_index=index)
+        if len(images) > ngcrops:
+            with _local_crops_context(student):
+                s_local_cls = student(images[ngcrops:], cls_only=True)
     losses = ibot_loss.forward_masked(s_cls, s_local_cls, s_patch_masked, t_cls, t_patch_masked,
                                       t_patch_mean, weight, epoch)
     return losses, t_cls, s_cls
@@ -140,8 +149,8 @@ def train_step(student, teacher, teacher_without_ddp, ibot_loss, optimizer, imag
         if reference:
             losses, t_cls, s_cls = forward_reference(student, teacher, ibot_loss, images, masks, epoch, ngcrops, device)
         else:
-            losses, t_cls, s_cls = forward_fast(student, teacher_without_ddp, ibot_loss, images, masks,
-                                                epoch, ngcrops, device)
+            losses, t_cls, s_cls = forward_fast(student, teacher_without_ddp, ibot_loss, images, masks, epoch,
+                                                ngcrops, device, getattr(args, "single_student_pass", False))
     loss = losses["loss"]
     if reference and not math.isfinite(loss.item()):
         print(f"Loss is {loss.item()}, stopping training", force=True)

@@ -7,6 +7,8 @@ same module (so that DDP sees one forward) with two keyword-only switches:
 - ``cls_only``: student local crops — the head runs on the [CLS] tokens only; returns ``(n, K)``.
 The teacher, never trained, uses ``teacher_outputs``.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -30,49 +32,102 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = nn.Identity() if head is None else head
 
-    def backbone_tokens(self, x, mask=None, **kwargs):
-        """Run the backbone over a crop or a list of crops; returns outputs concatenated on dim 0."""
+    def backbone_groups(self, x, mask=None, **kwargs):
+        """Backbone outputs of ``x`` (a crop or a list of crops), one tensor per run of equal widths.
+
+        ``mask``: one mask per crop, or (fast path) masks for the first crops only: the crops after
+        them run with the backbone's ``masked_im_modeling`` off, as the official local crops.
+        """
         if not isinstance(x, (list, tuple)):
             x = [x]
             mask = [mask] if mask is not None else None
         outputs, start = [], 0
         for end in _group_by_width(x):
-            inp = torch.cat(x[start:end])
-            if mask is not None:
-                kwargs = dict(kwargs, mask=torch.cat(mask[start:end]))
-            outputs.append(self.backbone(inp, **kwargs))
+            inp = torch.cat(x[start:end]) if end - start > 1 else x[start]
+            if mask is not None and end <= len(mask):
+                outputs.append(self.backbone(inp, **dict(kwargs, mask=torch.cat(mask[start:end]))))
+            elif mask is not None and start < len(mask):
+                raise ValueError("the masked crops must form whole groups of equal width")
+            elif mask is not None:
+                with _unmasked(self.backbone):
+                    outputs.append(self.backbone(inp, **kwargs))
+            else:
+                outputs.append(self.backbone(inp, **kwargs))
             start = end
-        return torch.cat(outputs)
+        return outputs
+
+    def backbone_tokens(self, x, mask=None, **kwargs):
+        """Run the backbone over a crop or a list of crops; returns outputs concatenated on dim 0."""
+        outputs = self.backbone_groups(x, mask=mask, **kwargs)
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _logits(self, h, n):
+        """``(cls_logits(h[:n]), patch_logits(h[n:]))``, one matmul when the head shares a linear last layer."""
+        head = self.head
+        if head.last_layer is not None and head.last_layer2 is head.last_layer and head.patch_logits_are_linear:
+            out = head.last_layer(h)
+            return out[:n], out[n:]
+        return head.cls_logits(h[:n]), head.patch_logits(h[n:])
 
     def forward(self, x, mask=None, return_backbone_feat=False, *, masked_index=None, cls_only=False, **kwargs):
         """Official: head on every backbone output. See the module docstring for the fast switches."""
+        if masked_index is not None:
+            groups = self.backbone_groups(x, mask=mask, **kwargs)
+            n_masked = sum(m.shape[0] for m in mask) if isinstance(mask, (list, tuple)) else groups[0].shape[0]
+            masked_groups, seen = [], 0
+            for g in groups:
+                if seen < n_masked:
+                    masked_groups.append(g)
+                    seen += g.shape[0]
+            glob = torch.cat(masked_groups) if len(masked_groups) > 1 else masked_groups[0]
+            cls = torch.cat([g[:, 0] for g in groups])
+            patches = glob.reshape(-1, glob.shape[-1]).index_select(0, _masked_rows(glob, masked_index))
+            return self._logits(self.head.bottleneck(torch.cat([cls, patches])), cls.shape[0])
         output = self.backbone_tokens(x, mask=mask, **kwargs)
         if cls_only:
             return self.head.cls_logits(self.head.bottleneck(output[:, 0]))
-        if masked_index is not None:
-            n, dim = output.shape[0], output.shape[-1]
-            patches = output[:, 1:].reshape(-1, dim).index_select(0, masked_index)
-            h = self.head.bottleneck(torch.cat([output[:, 0], patches]))
-            return self.head.cls_logits(h[:n]), self.head.patch_logits(h[n:])
         head_out = self.head(output)
         return (output, head_out) if return_backbone_feat else head_out
 
     @torch.no_grad()
-    def teacher_outputs(self, x, masked_index):
+    def teacher_outputs(self, x, masked_index, patch_mean=True):
         """Teacher logits for the fast path, from the global crops ``x`` (list of ``(B, 3, h, w)``).
 
         Returns ``cls (n, K)``, ``patch_masked (M, Kp)`` at ``masked_index`` and ``patch_mean (n, Kp)``
-        = each image's mean logit over all its patch tokens (the official centre statistic). When the
-        patch logits are linear in the bottleneck features (default head: no bias, no last norm), the
-        mean is taken before the last layer, so the ``(n, Np, Kp)`` logits are never materialised.
+        = each image's mean logit over all its patch tokens (the official centre statistic; None with
+        ``patch_mean=False``, then the head runs on the [CLS] and masked tokens only). When the patch
+        logits are linear in the bottleneck features (default head: no bias, no last norm), the mean
+        is taken before the last layer, so the ``(n, Np, Kp)`` logits are never materialised.
         """
         output = self.backbone_tokens(x)
-        n, dim = output.shape[0], output.shape[-1]
+        n = output.shape[0]
+        rows = torch.cat([torch.arange(n, device=output.device) * output.shape[1], _masked_rows(output, masked_index)])
+        if not patch_mean:
+            selected = output.reshape(-1, output.shape[-1]).index_select(0, rows)
+            cls, patch_masked = self._logits(self.head.bottleneck(selected), n)
+            return cls, patch_masked, None
         h = self.head.bottleneck(output)                                  # (n, 1+Np, d)
-        h_patch = h[:, 1:]
-        patch_masked = self.head.patch_logits(h_patch.reshape(-1, h.shape[-1]).index_select(0, masked_index))
+        selected = h.reshape(-1, h.shape[-1]).index_select(0, rows)
         if self.head.patch_logits_are_linear:
-            patch_mean = self.head.patch_logits(h_patch.float().mean(1))
-        else:
-            patch_mean = self.head.patch_logits(h_patch).float().mean(1)
-        return self.head.cls_logits(h[:, 0]), patch_masked, patch_mean
+            mean = h[:, 1:].float().mean(1).to(selected.dtype)
+            cls, patch = self._logits(torch.cat([selected, mean]), n)
+            return cls, patch[:-n], patch[-n:].float()
+        cls, patch_masked = self._logits(selected, n)
+        return cls, patch_masked, self.head.patch_logits(h[:, 1:]).float().mean(1)
+
+
+@contextlib.contextmanager
+def _unmasked(backbone):
+    """Official: the student's local crops are never masked (the backbone's flag is off meanwhile)."""
+    previous = backbone.masked_im_modeling
+    backbone.masked_im_modeling = False
+    try:
+        yield
+    finally:
+        backbone.masked_im_modeling = previous
+
+
+def _masked_rows(output, masked_index):
+    """Rows of ``output.reshape(-1, dim)`` (output ``(n, 1+Np, dim)``) of the masked patch tokens,
+    ``masked_index`` being positions in the ``(n·Np)`` patch-token list (device arithmetic, no sync)."""
+    return masked_index + torch.div(masked_index, output.shape[1] - 1, rounding_mode="floor") + 1

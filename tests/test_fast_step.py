@@ -56,7 +56,7 @@ def _tiny_arch(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def make_args(*flags, train_step="fast", precision="fp32"):
+def make_args(*flags, train_step="fast", precision="fp32", single_pass=False):
     base = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
             "--local_crops_number", "2", "--out_dim", "64", "--patch_out_dim", "64", "--head_hidden_dim", "32",
             "--head_bottleneck_dim", "16", "--drop_path", "0", "--epochs", "3", "--warmup_teacher_temp_epochs", "2",
@@ -66,6 +66,7 @@ def make_args(*flags, train_step="fast", precision="fp32"):
     args.arch = "vit_test"
     args.device, args.distributed, args.gpu = torch.device("cpu"), False, -1
     args.precision, args.train_step = precision, train_step
+    args.single_student_pass = single_pass
     return args
 
 
@@ -176,10 +177,10 @@ def assert_weights_close(s_f, t_f, s_r, t_r, rec_r):
             assert bool((err <= limit).all()), f"{tag} {name}: max error {err.max().item():.3g}"
 
 
-def compare_paths(flags, mask_names, epoch=1):
+def compare_paths(flags, mask_names, epoch=1, single_pass=False):
     batches_f = [make_batch(make_args(*flags), i, m) for i, m in enumerate(mask_names)]
     batches_r = copy.deepcopy(batches_f)
-    rec_f, s_f, t_f = run_steps(make_args(*flags, train_step="fast"), batches_f, epoch)
+    rec_f, s_f, t_f = run_steps(make_args(*flags, train_step="fast", single_pass=single_pass), batches_f, epoch)
     rec_r, s_r, t_r = run_steps(make_args(*flags, train_step="reference"), batches_r, epoch)
     for step, (a, b) in enumerate(zip(rec_f, rec_r)):
         for k in ("cls", "patch", "loss"):
@@ -234,6 +235,14 @@ def test_fast_equals_reference_configs(flags):
         assert_weights_close(s_f, t_f, s_r, t_r, rec_r)
         return
     compare_paths(flags, names)
+
+
+@pytest.mark.parametrize("flags", [[], ["--shared_head", "true"], ["--center2_tokens", "masked"],
+                                   ["--local_crops_number", "0"]],
+                         ids=["default", "shared", "center2_masked", "no_local"])
+def test_single_student_pass_equals_reference(flags):
+    """One student call over global + local crops (``args.single_student_pass``): same step."""
+    compare_paths(flags, ("random", "full_crop"), single_pass=True)
 
 
 def test_frozen_last_layer_epoch():
@@ -410,9 +419,10 @@ def _step_under(mode_factory, args, monkeypatch):
     return mode
 
 
-@pytest.mark.parametrize("flags", [[], ["--center2_tokens", "masked"], ["--shared_head", "false"]])
-def test_fast_step_has_no_host_sync(monkeypatch, flags):
-    _step_under(NoHostSync, make_args(*flags), monkeypatch)
+@pytest.mark.parametrize("flags", [[], ["--center2_tokens", "masked"], ["--shared_head", "true"]])
+@pytest.mark.parametrize("single_pass", [False, True])
+def test_fast_step_has_no_host_sync(monkeypatch, flags, single_pass):
+    _step_under(NoHostSync, make_args(*flags, single_pass=single_pass), monkeypatch)
 
 
 def test_reference_step_is_caught_by_the_sync_check(monkeypatch):
