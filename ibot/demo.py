@@ -55,14 +55,18 @@ def demo_flags(data_dir):
 
 
 def prepare(data_dir, output_dir, per_class_train=PER_CLASS_TRAIN, per_class_val=PER_CLASS_VAL):
-    """Build the Fashion-MNIST folder if needed; record the start time. Returns the builder's report."""
+    """Build the Fashion-MNIST folder unless ``data_dir`` already has train/ and val/ (then it is used as
+    it is); record the start time. Returns the builder's report (``{'built': False}`` when skipped)."""
     start = time.time()
     from .fmnist import build_fmnist_folder
     os.makedirs(output_dir, exist_ok=True)
-    res = build_fmnist_folder(data_dir, size=EVAL_SIZE, per_class_train=per_class_train,
-                              per_class_val=per_class_val)
-    state = "built" if res["built"] else "already there"
-    print(f"{data_dir}: {res['train']} train / {res['val']} val images, {res['size']} px ({state})")
+    if all(os.path.isdir(os.path.join(data_dir, split)) for split in ("train", "val")):
+        res = {"built": False}  # an existing labelled folder is used as it is
+        print(f"{data_dir}: using the existing train/ and val/ folders")
+    else:
+        res = build_fmnist_folder(data_dir, size=EVAL_SIZE, per_class_train=per_class_train,
+                                  per_class_val=per_class_val)
+        print(f"{data_dir}: built {res['train']} train / {res['val']} val images, {res['size']} px")
     with open(os.path.join(output_dir, _START_FILE), "w") as f:
         json.dump({"start": start, "data_ready": time.time()}, f)
     return res
