@@ -254,3 +254,20 @@ def test_parser_keeps_official_defaults():
         parse(["--arch", "resnet50"])
     with pytest.raises(SystemExit):
         parse(["--shared_head", "maybe"])
+
+
+def test_flat_folder_trains_without_label_metrics(tmp_path, fmnist_small):
+    """Images directly in --data_path (no class sub-folders) train; the clustering monitors are skipped."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, png in enumerate(sorted((fmnist_small / "train").glob("*/*.png"))[:40]):
+        (flat / f"{i}.png").write_bytes(png.read_bytes())
+    out = tmp_path / "out"
+    main_ibot.main(["--data_path", str(flat), "--output_dir", str(out), "--arch", "vit_tiny", "--patch_size", "8",
+                    "--global_crops_size", "32", "--out_dim", "64", "--patch_out_dim", "64",
+                    "--head_hidden_dim", "32", "--head_bottleneck_dim", "16", "--batch_size_per_gpu", "20",
+                    "--epochs", "1", "--warmup_teacher_temp_epochs", "0", "--warmup_epochs", "0",
+                    "--num_workers", "0"])
+    line = json.loads((out / "log.txt").read_text())
+    assert "train_nmi" not in line and line["epoch"] == 0 and line["train_loss"] > 0
+    assert safe_load(out / "checkpoint.pth")["epoch"] == 1
