@@ -31,14 +31,13 @@ __all__ = ["SMALL_IMAGE_RECIPE", "demo_flags", "prepare", "report", "read_log", 
 #: Per-choice figures: docs/small_image_recipe.md.
 SMALL_IMAGE_RECIPE = [
     "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
-    "--global_crops_scale", "0.4", "1", "--local_crops_number", "2", "--local_crops_scale", "0.1", "0.4",
-    "--blur_radius_scale", "0.15",
-    "--out_dim", "1024", "--shared_head", "true", "--norm_last_layer", "false",
+    "--global_crops_scale", "0.5", "1", "--local_crops_number", "2", "--local_crops_scale", "0.2", "0.5",
+    "--out_dim", "512", "--shared_head", "true", "--norm_last_layer", "false",
     "--head_hidden_dim", "512", "--head_bottleneck_dim", "128",
-    "--lr", "0.004", "--warmup_epochs", "1", "--momentum_teacher", "0.98",
-    "--teacher_temp", "0.04", "--warmup_teacher_temp_epochs", "0",
-    "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2", "--drop_path", "0",
-    "--batch_size_per_gpu", "64", "--epochs", "6", "--num_workers", "2", "--saveckp_freq", "0",
+    "--lr", "0.004", "--warmup_epochs", "1", "--momentum_teacher", "0.99",
+    "--teacher_temp", "0.07", "--warmup_teacher_temp", "0.04", "--warmup_teacher_temp_epochs", "1",
+    "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2",
+    "--batch_size_per_gpu", "32", "--epochs", "5", "--num_workers", "2", "--saveckp_freq", "0",
 ]
 EVAL_SIZE = 32
 PER_CLASS_TRAIN, PER_CLASS_VAL = 300, 100
