@@ -86,10 +86,12 @@ def build_networks(args):
         raise ConfigError(f"unknown --arch {args.arch!r}")
     factory = models.__dict__[args.arch]
     if "swin" in args.arch:
+        # Built for 224 px as the official code does, whatever --global_crops_size: Swin's window sizes
+        # (and so its relative-position tables) follow the nominal resolution, and smaller crops are
+        # padded to whole windows at run time; so checkpoints keep the official shapes.
         student = factory(window_size=args.window_size, return_all_tokens=True,
-                          masked_im_modeling=args.use_masked_im_modeling, img_size=args.global_crops_size)
-        teacher = factory(window_size=args.window_size, drop_path_rate=0.0, return_all_tokens=True,
-                          img_size=args.global_crops_size)
+                          masked_im_modeling=args.use_masked_im_modeling)
+        teacher = factory(window_size=args.window_size, drop_path_rate=0.0, return_all_tokens=True)
         embed_dim = student.num_features
     else:
         student = factory(patch_size=args.patch_size, drop_path_rate=args.drop_path, return_all_tokens=True,

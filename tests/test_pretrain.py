@@ -271,3 +271,33 @@ def test_flat_folder_trains_without_label_metrics(tmp_path, fmnist_small):
     line = json.loads((out / "log.txt").read_text())
     assert "train_nmi" not in line and line["epoch"] == 0 and line["train_loss"] > 0
     assert safe_load(out / "checkpoint.pth")["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_swin_tiny_short_epoch_with_masking(tmp_path, fmnist_small):
+    """One CPU epoch of swin_tiny with block masks on 64-px crops writes an official-format checkpoint;
+    its teacher backbone then serves the k-NN protocol and the backbone extraction."""
+    out = tmp_path / "swin"
+    main_ibot.main(["--data_path", str(fmnist_small / "train"), "--output_dir", str(out), "--arch", "swin_tiny",
+                    "--patch_size", "4", "--window_size", "7", "--global_crops_size", "64", "--out_dim", "64",
+                    "--patch_out_dim", "64", "--head_hidden_dim", "32", "--head_bottleneck_dim", "16",
+                    "--pred_ratio", "0.5", "--batch_size_per_gpu", "100", "--epochs", "1",
+                    "--warmup_teacher_temp_epochs", "0", "--warmup_epochs", "0", "--num_workers", "0"])
+    ckpt = safe_load(out / "checkpoint.pth")
+    assert ckpt["epoch"] == 1 and ckpt["args"].arch == "swin_tiny"
+    assert "module.backbone.masked_embed" in ckpt["student"]
+    assert "backbone.layers.0.blocks.0.attn.relative_position_index" in ckpt["teacher"]
+    assert ckpt["ibot_loss"]["center2"].abs().sum() > 0
+    line = json.loads((out / "log.txt").read_text())
+    assert line["train_patch"] > 0  # masks were applied (ratio 0.5 on the 2x2 final-stage grid of 64 px)
+
+    backbone_file = out / "backbone.pth"
+    proc = subprocess.run([sys.executable, str(REPO / "extract_backbone_weights.py"), str(out / "checkpoint.pth"),
+                           str(backbone_file), "--checkpoint_key", "teacher"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    from ibot.features import build_backbone
+    from ibot.pretrained import load_pretrained_weights
+    model = build_backbone("swin_tiny", 4, 7, 0)  # official 224-px shapes, as pre-training builds it
+    load_pretrained_weights(model, str(backbone_file), "teacher", "swin_tiny", 4)
+    assert torch.equal(model.state_dict()["norm.weight"], ckpt["teacher"]["backbone.norm.weight"])
