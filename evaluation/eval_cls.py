@@ -61,14 +61,14 @@ import torch.backends.cudnn as cudnn
 from PIL import Image
 from torch import nn
 from torchvision import datasets, transforms
-from timm.data import Mixup, create_transform
+from timm.data import Mixup
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models
 from ibot import distributed as ibot_dist
-from ibot.finetune import (GradScalerWithNorm, RASampler, barrier, epoch_cosine_value, evaluate,
+from ibot.finetune import (GradScalerWithNorm, RASampler, barrier, build_finetune_transform, epoch_cosine_value, evaluate,
                            load_checkpoint_for_resume, param_groups_layer_decay, save_checkpoint, save_json_log,
                            train_one_epoch)
 from ibot.misc import fix_random_seeds, get_sha
@@ -261,26 +261,9 @@ def inat_samples(root, train, year, category):
 
 
 def build_transform(is_train, args):
-    """DeiT ``build_transform``: timm training transform (RandomCrop(pad 4) at ≤32 px); eval resize
-    int(256/224 × size) bicubic + center crop. ImageNet mean/std."""
-    resize_im = args.input_size > 32
-    if is_train:
-        t = create_transform(
-            input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
-            auto_augment=args.aa if args.aa and args.aa.lower() != "none" else None,
-            interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
-            re_count=args.recount, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-        if not resize_im:
-            t.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
-        return t
-    t = []
-    if resize_im:
-        size = int((256 / 224) * args.input_size)
-        t.append(transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC))
-        t.append(transforms.CenterCrop(args.input_size))
-    t.append(transforms.ToTensor())
-    t.append(transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    return transforms.Compose(t)
+    """DeiT ``build_transform``: eval resize int(256/224 × size), bicubic. ImageNet mean/std."""
+    return build_finetune_transform(is_train, args, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
+                                    lambda size: int((256 / 224) * size), transforms.InterpolationMode.BICUBIC)
 
 
 def build_dataset(is_train, args):

@@ -487,3 +487,33 @@ def load_checkpoint_for_resume(path, model_without_ddp, optimizer=None, loss_sca
 def barrier():
     if ibot_dist.is_dist_avail_and_initialized():
         dist.barrier()
+
+
+def build_finetune_transform(is_train, args, mean, std, eval_size, eval_interpolation):
+    """Fine-tuning transform of the BEiT and DeiT recipes: PIL image -> normalised (3, S, S) tensor.
+
+    Training: timm's ``create_transform`` (colour jitter, ``args.aa`` RandAugment, RandomErasing with
+    ``args.reprob/remode/recount``), its random-resized crop replaced by ``RandomCrop(S, padding=4)``
+    for images of at most 32 px. Evaluation: above 32 px, ``Resize(eval_size(S), eval_interpolation)``
+    then ``CenterCrop(S)``. ``S = args.input_size``; ``mean``/``std`` per channel.
+    """
+    from timm.data import create_transform
+    from torchvision import transforms
+
+    resize_im = args.input_size > 32
+    if is_train:
+        t = create_transform(
+            input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+            auto_augment=args.aa if args.aa and args.aa.lower() != "none" else None,
+            interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
+            re_count=args.recount, mean=mean, std=std)
+        if not resize_im:
+            t.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
+        return t
+    t = []
+    if resize_im:
+        t.append(transforms.Resize(eval_size(args.input_size), interpolation=eval_interpolation))
+        t.append(transforms.CenterCrop(args.input_size))
+    t += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return transforms.Compose(t)
+

@@ -47,14 +47,14 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 import torch.backends.cudnn as cudnn
 from torchvision import datasets, transforms
-from timm.data import Mixup, create_transform
+from timm.data import Mixup
 from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
                                  IMAGENET_INCEPTION_STD)
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from ibot import distributed as ibot_dist
-from ibot.finetune import (GradScalerWithNorm, barrier, cosine_scheduler, evaluate, load_checkpoint_for_resume,
-                           save_checkpoint, save_json_log, train_one_epoch)
+from ibot.finetune import (GradScalerWithNorm, barrier, build_finetune_transform, cosine_scheduler, evaluate,
+                           load_checkpoint_for_resume, save_checkpoint, save_json_log, train_one_epoch)
 from ibot.misc import fix_random_seeds, get_sha
 from evaluation.classification_layer_decay import modeling_finetune
 from evaluation.classification_layer_decay.optim_factory import create_optimizer
@@ -163,29 +163,14 @@ def get_args_parser():
 
 
 def build_transform(is_train, args):
-    """Official BEiT ``build_transform`` (spec §2.5 "Procedure")."""
-    resize_im = args.input_size > 32
+    """Official BEiT ``build_transform`` (spec §2.5 "Procedure"): eval resize ``input_size / crop_pct``
+    (bilinear); Inception mean/std unless ``--imagenet_default_mean_and_std``."""
     mean = IMAGENET_DEFAULT_MEAN if args.imagenet_default_mean_and_std else IMAGENET_INCEPTION_MEAN
     std = IMAGENET_DEFAULT_STD if args.imagenet_default_mean_and_std else IMAGENET_INCEPTION_STD
-    if is_train:
-        t = create_transform(
-            input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
-            auto_augment=args.aa if args.aa and args.aa.lower() != "none" else None,
-            interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
-            re_count=args.recount, mean=mean, std=std)
-        if not resize_im:
-            t.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
-        return t
-    t = []
-    if resize_im:
-        if args.crop_pct is None:
-            args.crop_pct = 224 / 256 if args.input_size < 384 else 1.0
-        size = int(args.input_size / args.crop_pct)
-        t.append(transforms.Resize(size, interpolation=transforms.InterpolationMode.BILINEAR))
-        t.append(transforms.CenterCrop(args.input_size))
-    t.append(transforms.ToTensor())
-    t.append(transforms.Normalize(mean, std))
-    return transforms.Compose(t)
+    if not is_train and args.crop_pct is None:
+        args.crop_pct = 224 / 256 if args.input_size < 384 else 1.0
+    return build_finetune_transform(is_train, args, mean, std, lambda size: int(size / args.crop_pct),
+                                    transforms.InterpolationMode.BILINEAR)
 
 
 def build_dataset(is_train, args):
