@@ -45,7 +45,7 @@ from ibot.misc import bool_flag, fix_random_seeds, get_sha
 from ibot.optim import LARS
 from ibot.pretrained import load_pretrained_weights
 
-__all__ = ["LinearClassifier", "LARS", "HeadSpec", "get_args_parser", "main", "run_linear", "build_linear_data",
+__all__ = ["LinearClassifier", "LARS", "HeadSpec", "build_linear_heads", "get_args_parser", "main", "run_linear", "build_linear_data",
            "train_one_epoch", "validate"]
 
 ARCHS = ["vit_tiny", "vit_small", "vit_base", "vit_large", "swin_tiny", "swin_small", "swin_base", "swin_large"]
@@ -63,6 +63,22 @@ class LinearClassifier(nn.Module):
 
     def forward(self, x):
         return self.linear(x.view(x.size(0), -1))
+
+
+def build_linear_heads(specs, dim, num_labels, device, lr_scale, epochs, make_optimizer):
+    """One ``LinearClassifier(dim, num_labels)`` per spec (DDP-wrapped under a process group), its
+    optimizer ``make_optimizer(head, spec, spec.lr * lr_scale)`` and a per-epoch cosine schedule to 0.
+    Returns ``(heads, optimizers, schedulers)``."""
+    heads, optimizers, schedulers = [], [], []
+    for spec in specs:
+        head = LinearClassifier(dim, num_labels).to(device)
+        if dist_ready():
+            head = nn.parallel.DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
+        opt = make_optimizer(head, spec, spec.lr * lr_scale)
+        heads.append(head)
+        optimizers.append(opt)
+        schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs, eta_min=0))
+    return heads, optimizers, schedulers
 
 
 class HeadSpec:
@@ -246,15 +262,8 @@ def run_linear(args, specs, multi=False):
     print(f"Model {args.arch} built; feature dim {dim}, {num_labels} labels, {len(specs)} head(s).")
 
     scale = args.batch_size_per_gpu * world / 256.0
-    heads, optimizers, schedulers = [], [], []
-    for spec in specs:
-        head = LinearClassifier(dim, num_labels).to(device)
-        if dist_ready():
-            head = nn.parallel.DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
-        opt = _make_optimizer(head, spec, spec.lr * scale)
-        heads.append(head)
-        optimizers.append(opt)
-        schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs, eta_min=0))
+    heads, optimizers, schedulers = build_linear_heads(specs, dim, num_labels, device, scale, args.epochs,
+                                                       _make_optimizer)
 
     key = args.checkpoint_key
     ckpt_path = os.path.join(args.output_dir, f"checkpoint_{key}_linear.pth")

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from evaluation.eval_linear import (LARS, LinearClassifier, build_linear_data, get_args_parser as _parser, setup,
+from evaluation.eval_linear import (LARS, build_linear_data, build_linear_heads, get_args_parser as _parser, setup,
                                     train_one_epoch, validate)
 from evaluation.eval_linear_multi import head_specs
 from ibot.checkpoint import atomic_save, safe_load
@@ -112,15 +112,7 @@ def run_part_linear(args):
     dim = backbone.embed_dim
     specs = head_specs(args.sweep_lr_only)
     scale = args.batch_size_per_gpu * world / 256.0
-    heads, optimizers, schedulers = [], [], []
-    for spec in specs:
-        head = LinearClassifier(dim, num_labels).to(device)
-        if dist_ready():
-            head = nn.parallel.DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
-        opt = _optimizer(head, spec, spec.lr * scale)
-        heads.append(head)
-        optimizers.append(opt)
-        schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs, eta_min=0))
+    heads, optimizers, schedulers = build_linear_heads(specs, dim, num_labels, device, scale, args.epochs, _optimizer)
 
     def plain(h):
         return h.module if isinstance(h, nn.parallel.DistributedDataParallel) else h
