@@ -71,7 +71,7 @@ from ibot import distributed as ibot_dist
 from ibot.finetune import (GradScalerWithNorm, RASampler, barrier, build_finetune_transform, epoch_cosine_value, evaluate,
                            load_checkpoint_for_resume, param_groups_layer_decay, save_checkpoint, save_json_log,
                            train_one_epoch)
-from ibot.misc import fix_random_seeds, get_sha
+from ibot.misc import fix_random_seeds, print_run_header
 from ibot.pretrained import load_pretrained_weights
 
 DATA_SETS = ["CIFAR", "CIFAR10", "IMNET", "folder", "image_folder", "INAT", "INAT19", "Cars", "Flwrs"]
@@ -358,8 +358,7 @@ def setup_run(args):
     if requested.startswith("cpu"):
         device = torch.device("cpu")
     args.device = str(device)  # plain args: checkpoints load with weights-only unpickling
-    print(get_sha())
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    print_run_header(args)
     return device
 
 

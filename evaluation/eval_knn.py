@@ -38,7 +38,7 @@ import torch
 from ibot.checkpoint import safe_load
 from ibot.features import build_backbone, check_image_folder, eval_transform, image_folder, make_loader
 from ibot.knn import knn_classifier, run_knn
-from ibot.misc import bool_flag, fix_random_seeds, get_sha
+from ibot.misc import bool_flag, fix_random_seeds, print_run_header
 from ibot.pretrained import load_pretrained_weights
 
 __all__ = ["get_args_parser", "main", "eval_knn_for_key", "build_knn_loaders", "knn_for_checkpoint",
@@ -150,12 +150,9 @@ def eval_knn_for_key(args, device=None):
 
 def main(args):
     """Evaluate every key of ``args.checkpoint_key`` (comma list). Returns ``{key: {k: {top1, top5}}}``."""
-    from ibot.distributed import init_distributed_mode
-    if not getattr(args, "_dist_ready", False):
-        init_distributed_mode(args)
-        args._dist_ready = True
-    print("git:\n  {}\n".format(get_sha()))
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items()) if not k.startswith("_")))
+    from ibot.distributed import init_distributed_once
+    init_distributed_once(args)
+    print_run_header(args)
     if not args.load_features:  # fail before any work if the data is not there
         for split in ("train", "val"):
             check_image_folder(os.path.join(args.data_path, split))

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Sampler
 from ibot.checkpoint import atomic_save, safe_load
 from ibot.features import (build_backbone, check_image_folder, dist_ready, eval_transform, feature_dim,
                            frozen_features, image_folder, make_loader, train_transform)
-from ibot.misc import bool_flag, fix_random_seeds, get_sha
+from ibot.misc import bool_flag, fix_random_seeds, print_run_header
 from ibot.optim import LARS
 from ibot.pretrained import load_pretrained_weights
 
@@ -340,12 +340,9 @@ def run_linear(args, specs, multi=False):
 
 def setup(args):
     """Distributed set-up (once), git SHA and args printout, output dir and data checks."""
-    from ibot.distributed import init_distributed_mode
-    if not getattr(args, "_dist_ready", False):
-        init_distributed_mode(args)
-        args._dist_ready = True
-    print("git:\n  {}\n".format(get_sha()))
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items()) if not k.startswith("_")))
+    from ibot.distributed import init_distributed_once
+    init_distributed_once(args)
+    print_run_header(args)
     for split in ("train", "val"):
         check_image_folder(os.path.join(args.data_path, split))
     os.makedirs(args.output_dir, exist_ok=True)

@@ -32,7 +32,7 @@ import torch
 
 from evaluation.eval_knn import ARCHS, FEATURE_FILES, _dump_dir, _load_features, build_knn_loaders
 from ibot.features import build_backbone, check_image_folder, dist_ready, extract_features
-from ibot.misc import bool_flag, fix_random_seeds, get_sha
+from ibot.misc import bool_flag, fix_random_seeds, print_run_header
 from ibot.pretrained import load_pretrained_weights
 
 __all__ = ["get_args_parser", "main", "fit_logistic_regression"]
@@ -118,12 +118,9 @@ def _features_for_key(args, device):
 
 def main(args):
     """Fit one classifier per λ for every checkpoint key. Returns ``{key: {λ: accuracy fraction}}`` (rank 0)."""
-    from ibot.distributed import init_distributed_mode
-    if not getattr(args, "_dist_ready", False):
-        init_distributed_mode(args)
-        args._dist_ready = True
-    print("git:\n  {}\n".format(get_sha()))
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items()) if not k.startswith("_")))
+    from ibot.distributed import init_distributed_once
+    init_distributed_once(args)
+    print_run_header(args)
     if not args.load_features:
         for split in ("train", "val"):
             check_image_folder(os.path.join(args.data_path, split))

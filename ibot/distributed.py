@@ -103,6 +103,14 @@ def init_distributed_mode(args):
     setup_for_distributed(args.rank == 0)
 
 
+def init_distributed_once(args):
+    """``init_distributed_mode(args)`` unless it already ran for these ``args`` (scripts that evaluate
+    several checkpoint keys call their main once per key)."""
+    if not getattr(args, "_dist_ready", False):
+        init_distributed_mode(args)
+        args._dist_ready = True
+
+
 def all_reduce_sum(tensor):
     """In-place SUM all-reduce (no-op without a process group); returns the tensor."""
     if is_dist_avail_and_initialized():

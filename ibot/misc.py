@@ -46,3 +46,9 @@ def get_sha():
     except Exception:
         pass
     return f"sha: {sha}, status: {diff}, branch: {branch}"
+
+
+def print_run_header(args):
+    """Print the git revision, then every flag as ``name: value`` sorted by name (``_*`` entries skipped)."""
+    print("git:\n  {}\n".format(get_sha()))
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items()) if not k.startswith("_")))

@@ -26,7 +26,7 @@ from .data import BadImageError, ImageFolderMask
 from .faults import (ResumableSampler, StepBoundaryLoader, StopOnSignal, TrainingInterrupted, capture_rng_state,
                      restore_rng_state)
 from .loss import iBOTLoss
-from .misc import fix_random_seeds, get_sha
+from .misc import fix_random_seeds, print_run_header
 from .optim import build_optimizer, get_params_groups, has_batchnorms
 from .periodic_eval import PeriodicKNN, should_evaluate
 from .schedules import cosine_scheduler
@@ -238,8 +238,7 @@ def train_ibot(args):
         raise ConfigError("\n".join(errors))
     dist_utils.init_distributed_mode(args)
     fix_random_seeds(args.seed)
-    print("git:\n  {}\n".format(get_sha()))
-    print("\n".join(f"{k}: {v}" for k, v in sorted(dict(vars(args)).items())))
+    print_run_header(args)
     torch.backends.cudnn.benchmark = True
     os.makedirs(args.output_dir, exist_ok=True)
     if dist_utils.is_main_process():

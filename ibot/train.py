@@ -13,7 +13,6 @@ import contextlib
 import math
 import sys
 
-import numpy as np
 import torch
 
 from .cluster_metrics import eval_pred

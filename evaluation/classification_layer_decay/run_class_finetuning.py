@@ -55,7 +55,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from ibot import distributed as ibot_dist
 from ibot.finetune import (GradScalerWithNorm, barrier, build_finetune_transform, cosine_scheduler, evaluate,
                            load_checkpoint_for_resume, save_checkpoint, save_json_log, train_one_epoch)
-from ibot.misc import fix_random_seeds, get_sha
+from ibot.misc import fix_random_seeds, print_run_header
 from evaluation.classification_layer_decay import modeling_finetune
 from evaluation.classification_layer_decay.optim_factory import create_optimizer
 
@@ -201,8 +201,7 @@ def setup_run(args):
     if requested.startswith("cpu"):
         device = torch.device("cpu")
     args.device = str(device)
-    print(get_sha())
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    print_run_header(args)
     return device
 
 

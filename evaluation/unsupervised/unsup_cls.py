@@ -35,7 +35,7 @@ from ibot.checkpoint import safe_load
 from ibot.cluster_metrics import eval_pred
 from ibot.features import (build_backbone, check_image_folder, dist_ready, eval_transform, image_folder,
                            make_loader)
-from ibot.misc import get_sha
+from ibot.misc import print_run_header
 from ibot.pretrained import PretrainedWeightsError, load_pretrained_weights, select_state_dict, strip_prefixes
 
 __all__ = ["eval_pred", "get_args_parser", "main", "load_head", "predict"]
@@ -120,13 +120,10 @@ def predict(backbone, head, loader, device):
 
 def main(args):
     """Score the head's argmax clustering on ``data_path/val``. Returns ``{"nmi", "ari", "fscore", "acc"}``."""
-    from ibot.distributed import init_distributed_mode
+    from ibot.distributed import init_distributed_once
     from models.head import DINOHead
-    if not getattr(args, "_dist_ready", False):
-        init_distributed_mode(args)
-        args._dist_ready = True
-    print("git:\n  {}\n".format(get_sha()))
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items()) if not k.startswith("_")))
+    init_distributed_once(args)
+    print_run_header(args)
     val_dir = os.path.join(args.data_path, "val")
     check_image_folder(val_dir)
     if not args.pretrained_weights:
