@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
-from timm.layers import trunc_normal_
+from .init import trunc_normal_init
 
 __all__ = ["CustomSequential", "CSyncBatchNorm", "DINOHead", "iBOTHead", "official_param_name",
            "weight_norm_linear"]
@@ -166,20 +166,13 @@ class DINOHead(nn.Module):
                 layers.append(act)
             layers.append(nn.Linear(hidden_dim, bottleneck_dim if bottleneck_dim > 0 else out_dim))
             self.mlp = CustomSequential(*layers)
-        self.apply(self._init_weights)
+        self.apply(trunc_normal_init)
 
         if bottleneck_dim > 0:
             self.last_layer = weight_norm_linear(bottleneck_dim, out_dim, freeze_g=norm_last_layer)
         else:
             self.last_layer = None
         self.last_norm = last_norm
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
 
     def _hidden(self, x):
         """Part of the MLP before the output projection used when there is no last layer."""

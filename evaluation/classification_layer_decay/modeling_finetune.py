@@ -35,6 +35,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 
 from ibot.checkpoint import safe_load
 from ibot.finetune import select_state_dict, strip_prefixes
+from models.init import trunc_normal_init
 
 __all__ = ["VisionTransformer", "MODELS", "create_model", "load_finetune_checkpoint", "vit_tiny", "vit_small",
            "vit_base", "vit_large"]
@@ -210,7 +211,7 @@ class VisionTransformer(nn.Module):
                 trunc_normal_(blk.attn.relative_position_bias_table, std=.02)
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=.02)
-        self.apply(self._init_weights)
+        self.apply(trunc_normal_init)
         self.fix_init_weight()
         if isinstance(self.head, nn.Linear):
             self.head.weight.data.mul_(init_scale)
@@ -220,16 +221,6 @@ class VisionTransformer(nn.Module):
         for layer_id, layer in enumerate(self.blocks):
             layer.attn.proj.weight.data.div_(math.sqrt(2.0 * (layer_id + 1)))
             layer.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (layer_id + 1)))
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
 
     def get_num_layers(self):
         return len(self.blocks)

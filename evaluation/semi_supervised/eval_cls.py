@@ -42,12 +42,12 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import trunc_normal_
 
 from evaluation import eval_cls
 from ibot.checkpoint import safe_load
 from ibot.pretrained import load_pretrained_weights, select_state_dict, strip_prefixes
 from models.head import weight_norm_linear
+from models.init import trunc_normal_init
 
 
 class ClassProjHead(nn.Module):
@@ -72,14 +72,7 @@ class ClassProjHead(nn.Module):
         if finetune_head_layer == 3:
             self.last_layer = weight_norm_linear(bottleneck_dim, out_dim, freeze_g=True)
         self.cls_head = nn.Linear(out_dim if finetune_head_layer == 3 else hidden_dim, num_classes)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
+        self.apply(trunc_normal_init)
 
     def forward(self, x):
         x = self.mlp(x)
