@@ -6,7 +6,9 @@ from ``timm.layers`` where the names survive (``PatchEmbed`` -> ``patch_embed.pr
 ``mlp.fc1/fc2``, ``DropPath``, ``trunc_normal_``). Attention is our own module: the normal path uses
 ``F.scaled_dot_product_attention``; the explicit path (``softmax(q k^T * scale) v``, the official
 maths) also returns the attention probabilities and can be selected for the whole model with
-:meth:`VisionTransformer.set_fused_attn`.
+:meth:`VisionTransformer.set_fused_attn`. :meth:`VisionTransformer.set_grad_checkpointing` (timm's
+convention) recomputes each block's forward in the backward pass of ``forward`` (activation
+checkpointing: less memory, more compute; parameters and state-dict keys are unchanged).
 
 Shapes: ``B`` images, ``D`` embed dim, ``ps`` patch size, ``h = H // ps``, ``w = W // ps``,
 ``T = h * w`` patch tokens, ``N = 1 + T`` tokens.
@@ -17,6 +19,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from .init import trunc_normal_init
 
@@ -112,7 +115,9 @@ class VisionTransformer(nn.Module):
     when ``return_all_tokens`` (argument, else the attribute) is true, otherwise the CLS token
     ``(B, D)``. When the attribute ``masked_im_modeling`` is true a bool ``mask (B, h, w)`` is
     required and masked patch embeddings are replaced by ``masked_embed``; when it is false any
-    mask is ignored (the trainer switches it off for local crops).
+    mask is ignored (the trainer switches it off for local crops). When the attribute
+    ``grad_checkpointing`` is true (:meth:`set_grad_checkpointing`) and autograd is recording,
+    ``forward`` runs each block through ``torch.utils.checkpoint`` (same values and gradients).
     """
 
     def __init__(self, img_size=[224], patch_size=16, in_chans=3, num_classes=0, embed_dim=768,
@@ -158,6 +163,20 @@ class VisionTransformer(nn.Module):
         self.masked_im_modeling = masked_im_modeling
         if masked_im_modeling:
             self.masked_embed = nn.Parameter(torch.zeros(1, embed_dim))
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable=True):
+        """Activation checkpointing of every block in ``forward`` (timm's method name).
+
+        With ``enable`` each block keeps only its input ``(B, N, D)`` for the backward pass and runs
+        its forward again there (``checkpoint(blk, x, use_reentrant=False)``, which replays the RNG
+        state, so drop-path draws the same paths): about one block forward more per block, i.e.
+        ~30% more compute for the backbone, for the activations of all blocks but one. Only applies
+        while ``torch.is_grad_enabled()``; ``get_last_selfattention`` and
+        ``get_intermediate_layers`` never checkpoint. Returns the model.
+        """
+        self.grad_checkpointing = bool(enable)
+        return self
 
     def set_fused_attn(self, enabled=True):
         """Use ``scaled_dot_product_attention`` (True) or the explicit official maths (False)."""
@@ -233,8 +252,12 @@ class VisionTransformer(nn.Module):
             x = self.prepare_tokens(x, mask=mask)
         else:
             x = self.prepare_tokens(x)
-        for blk in self.blocks:
-            x = blk(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for blk in self.blocks:
+                x = checkpoint(blk, x, use_reentrant=False)
+        else:
+            for blk in self.blocks:
+                x = blk(x)
         x = self.norm(x)
         if self.fc_norm is not None:
             x = torch.cat((self.fc_norm(x[:, 1:, :].mean(1)).unsqueeze(1), x[:, 1:]), dim=1)
