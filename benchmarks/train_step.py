@@ -18,7 +18,8 @@ image and per global crop, by ``ibot.masking.MaskGenerator`` with the ``--pred_r
 Prints ONE JSON line: ``images_per_s``, ``s_per_step`` (median), ``peak_mem_mb`` (CUDA max allocated,
 or the process peak RSS on the CPU), ``gflops_per_step`` (``FlopCounterMode``, one extra step after
 the timed ones) and on a GPU ``tflops`` and ``mfu`` against ``--peak_tflops`` (default: H100 SXM
-dense bf16/fp16 989 TFLOPS, fp32 via TF32 494.5), plus the recipe. Example (calibration recipe)::
+dense bf16/fp16 989 TFLOPS, fp32 via TF32 494.5), plus the recipe (``--grad_checkpointing true``:
+activation checkpointing of the student backbone, as in training). Example (calibration recipe)::
 
     python benchmarks/train_step.py --mode both --arch vit_tiny --patch_size 4 --global_crops_size 32 \
         --local_crops_size 16 --local_crops_number 4 --batch_size_per_gpu 32 --out_dim 4096 \
@@ -190,7 +191,7 @@ def run(args):
                   s_per_step_all=[round(t, 4) for t in times],
                   cpu_s_per_step=round(statistics.median(cpu_times), 4), peak_mem_mb=round(mem, 1),
                   loss=round(loss, 5), threads=torch.get_num_threads(), compile=args.compile,
-                  single_student_pass=args.single_student_pass,
+                  single_student_pass=args.single_student_pass, grad_checkpointing=args.grad_checkpointing,
                   arch=args.arch, patch_size=args.patch_size, batch_size_per_gpu=args.batch_size_per_gpu,
                   global_crops=f"{args.global_crops_number}x{args.global_crops_size}",
                   local_crops=f"{args.local_crops_number}x{args.local_crops_size}", out_dim=args.out_dim,

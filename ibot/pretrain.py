@@ -80,7 +80,8 @@ def build_data_loader(dataset, args):
 
 
 def build_networks(args):
-    """Student and teacher ``MultiCropWrapper``s (official construction, section 1.3 of the spec)."""
+    """Student and teacher ``MultiCropWrapper``s (official construction, section 1.3 of the spec);
+    ``--grad_checkpointing`` switches activation checkpointing on in the student backbone."""
     args.arch = args.arch.replace("deit", "vit")
     if args.arch not in models.__dict__:
         raise ConfigError(f"unknown --arch {args.arch!r}")
@@ -98,6 +99,8 @@ def build_networks(args):
                           masked_im_modeling=args.use_masked_im_modeling, img_size=args.global_crops_size)
         teacher = factory(patch_size=args.patch_size, return_all_tokens=True, img_size=args.global_crops_size)
         embed_dim = student.embed_dim
+    if getattr(args, "grad_checkpointing", False):
+        student.set_grad_checkpointing(True)  # the teacher never records gradients
     head_kwargs = dict(patch_out_dim=args.patch_out_dim, norm=args.norm_in_head, act=args.act_in_head,
                        hidden_dim=args.head_hidden_dim, bottleneck_dim=args.head_bottleneck_dim)
     student = MultiCropWrapper(student, iBOTHead(embed_dim, args.out_dim, norm_last_layer=args.norm_last_layer,
