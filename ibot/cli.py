@@ -112,7 +112,7 @@ def get_args_parser():
     parser.add_argument("--grad_checkpointing", default=False, type=bool_flag,
                         help="Activation checkpointing of the student backbone: each block keeps only its input "
                              "and its forward is recomputed in the backward pass (less activation memory, "
-                             "~30%% more compute; same loss and gradients). The teacher runs without grad.")
+                             "~20-30%% more compute per step; same loss and gradients). The teacher runs without grad.")
     parser.add_argument("--head_hidden_dim", default=2048, type=int, help="Hidden width of the head MLP.")
     parser.add_argument("--head_bottleneck_dim", default=256, type=int, help="Bottleneck width of the head.")
     parser.add_argument("--print_freq", default=10, type=int,

@@ -435,7 +435,7 @@ class SwinTransformer(nn.Module):
 
         Each block keeps only its input ``(B, L, C)`` for the backward pass and recomputes its
         forward there (``use_reentrant=False``, RNG state replayed, so drop-path is unchanged):
-        less activation memory for ~30% more backbone compute. Only while
+        less activation memory for ~1/3 more backbone compute. Only while
         ``torch.is_grad_enabled()``; the attention / intermediate-layer helpers never checkpoint.
         Returns the model.
         """

@@ -170,10 +170,10 @@ class VisionTransformer(nn.Module):
 
         With ``enable`` each block keeps only its input ``(B, N, D)`` for the backward pass and runs
         its forward again there (``checkpoint(blk, x, use_reentrant=False)``, which replays the RNG
-        state, so drop-path draws the same paths): about one block forward more per block, i.e.
-        ~30% more compute for the backbone, for the activations of all blocks but one. Only applies
-        while ``torch.is_grad_enabled()``; ``get_last_selfattention`` and
-        ``get_intermediate_layers`` never checkpoint. Returns the model.
+        state, so drop-path draws the same paths): one more forward per block, ~1/3 more backbone
+        compute (forward + backward ~ 3 forwards), instead of storing the blocks' inner
+        activations. Only applies while ``torch.is_grad_enabled()``; ``get_last_selfattention``
+        and ``get_intermediate_layers`` never checkpoint. Returns the model.
         """
         self.grad_checkpointing = bool(enable)
         return self
