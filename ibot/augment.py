@@ -15,7 +15,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-__all__ = ["GaussianBlur", "Solarization", "DataAugmentationiBOT", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["GaussianBlur", "Solarization", "color_jitter", "DataAugmentationiBOT", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,6 +64,13 @@ class Solarization:
         return f"{type(self).__name__}(p={self.p})"
 
 
+def color_jitter(scale: float = 1.0) -> transforms.ColorJitter:
+    """The official ``ColorJitter(0.4, 0.4, 0.2, 0.1)`` with every strength multiplied by ``scale``
+    (SimCLR's colour-distortion strength; hue capped at its maximum 0.5). ``scale`` 1.0 = official."""
+    return transforms.ColorJitter(brightness=0.4 * scale, contrast=0.4 * scale, saturation=0.2 * scale,
+                                  hue=min(0.1 * scale, 0.5))
+
+
 class DataAugmentationiBOT:
     """iBOT multi-crop transform: PIL RGB image -> list of ``ng + nl`` float tensors.
 
@@ -71,13 +78,14 @@ class DataAugmentationiBOT:
     ``(3, global_crops_size, global_crops_size)``, local crops ``(3, local_crops_size,
     local_crops_size)``, normalised with the ImageNet mean/std. ``*_crops_scale``: (min, max) area
     fraction for ``RandomResizedCrop``. Global crop 1: blur p=1.0; global crops 2..ng: blur p=0.1 and
-    solarise p=0.2; local crops: blur p=0.5. ``blur_radius_scale`` multiplies every blur radius
-    (1.0 = official).
+    solarise p=0.2; local crops: blur p=0.5. ``blur_radius_scale`` multiplies every blur radius and
+    ``color_jitter_scale`` the colour-jitter strengths (1.0 = official for both).
     """
 
     def __init__(self, global_crops_scale: Sequence[float], local_crops_scale: Sequence[float],
                  global_crops_number: int, local_crops_number: int, global_crops_size: int = 224,
-                 local_crops_size: int = 96, *, blur_radius_scale: float = 1.0):
+                 local_crops_size: int = 96, *, blur_radius_scale: float = 1.0,
+                 color_jitter_scale: float = 1.0):
         if global_crops_number < 1:
             raise ValueError(f"--global_crops_number must be >= 1, got {global_crops_number}")
         if local_crops_number < 0:
@@ -87,11 +95,12 @@ class DataAugmentationiBOT:
         self.global_crops_size = global_crops_size
         self.local_crops_size = local_crops_size
         self.blur_radius_scale = blur_radius_scale
+        self.color_jitter_scale = color_jitter_scale
 
         flip_and_color_jitter = transforms.Compose([
             transforms.RandomHorizontalFlip(p=0.5),
             transforms.RandomApply(
-                [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                [color_jitter(color_jitter_scale)],
                 p=0.8),
             transforms.RandomGrayscale(p=0.2),
         ])
@@ -136,4 +145,4 @@ class DataAugmentationiBOT:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(global={self.global_crops_number}x{self.global_crops_size}, "
                 f"local={self.local_crops_number}x{self.local_crops_size}, "
-                f"blur_radius_scale={self.blur_radius_scale})")
+                f"blur_radius_scale={self.blur_radius_scale}, color_jitter_scale={self.color_jitter_scale})")

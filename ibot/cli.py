@@ -130,6 +130,9 @@ def get_args_parser():
     parser.add_argument("--blur_radius_scale", default=1.0, type=float,
                         help="Multiply every Gaussian-blur radius of the multi-crop augmentation (1.0 = official; "
                              "0 disables blurring).")
+    parser.add_argument("--color_jitter_scale", default=1.0, type=float,
+                        help="Multiply the colour-jitter strengths (brightness 0.4, contrast 0.4, saturation 0.2, "
+                             "hue 0.1; hue capped at 0.5) of the multi-crop augmentation (1.0 = official).")
     parser.add_argument("--eval_every", default=0, type=int,
                         help="Run the k-NN protocol of eval_knn.py on --eval_data_path every N epochs and after "
                              "the last one (0: never); results go to log.txt and TensorBoard.")
@@ -215,7 +218,9 @@ def check_args(args):
         errors.append(f"--data_path {args.data_path!r} is not a folder")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         errors.append(f"--output_dir {args.output_dir!r} exists and is not a folder")
-    if not math.isfinite(getattr(args, "blur_radius_scale", 1.0)) or getattr(args, "blur_radius_scale", 1.0) < 0:
-        errors.append(f"--blur_radius_scale must be a finite number >= 0 (got {args.blur_radius_scale})")
+    for flag in ("blur_radius_scale", "color_jitter_scale"):
+        value = getattr(args, flag, 1.0)
+        if not math.isfinite(value) or value < 0:
+            errors.append(f"--{flag} must be a finite number >= 0 (got {value})")
     errors += check_eval_args(args)
     return errors

@@ -47,7 +47,8 @@ def build_dataset(args):
     """The pre-training ``ImageFolderMask`` with the multi-crop transform of the flags."""
     transform = DataAugmentationiBOT(args.global_crops_scale, args.local_crops_scale, args.global_crops_number,
                                      args.local_crops_number, args.global_crops_size, args.local_crops_size,
-                                     blur_radius_scale=getattr(args, "blur_radius_scale", 1.0))
+                                     blur_radius_scale=getattr(args, "blur_radius_scale", 1.0),
+                                     color_jitter_scale=getattr(args, "color_jitter_scale", 1.0))
     pred_size = mask_cell_size(args)
     try:
         return ImageFolderMask(args.data_path, transform=transform, patch_size=pred_size,

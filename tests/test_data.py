@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
+from torchvision import transforms
 
 import loader
-from ibot.augment import DataAugmentationiBOT, GaussianBlur, Solarization
+from ibot.augment import DataAugmentationiBOT, GaussianBlur, Solarization, color_jitter
 from ibot.data import BadImageError, ImageFolderInstance, ImageFolderMask, rgb_loader
 from ibot.fmnist import CLASS_DIRS, DEFAULT_SRC, build_fmnist_folder, load_split
 
@@ -70,6 +71,24 @@ def test_blur_and_solarization():
              for t in tf.transforms if isinstance(t, GaussianBlur)]
     assert [b.prob for b in blurs] == [1.0, 0.1, 0.5]
     assert all(b.radius_scale == 0.25 for b in blurs)
+
+
+def _jitters(aug):
+    return [t for tf in (aug.global_transfo1, aug.global_transfo2, aug.local_transfo)
+            for ra in tf.transforms[1].transforms if isinstance(ra, transforms.RandomApply)
+            for t in ra.transforms if isinstance(t, transforms.ColorJitter)]
+
+
+def test_color_jitter_scale():
+    official = _jitters(DataAugmentationiBOT((0.4, 1.0), (0.05, 0.4), 2, 1, 32, 16))
+    assert len(official) == 3
+    for cj in official:  # the official strengths; torchvision stores them as (1 - s, 1 + s) / (-h, h)
+        assert cj.brightness == pytest.approx((0.6, 1.4)) and cj.contrast == pytest.approx((0.6, 1.4))
+        assert cj.saturation == pytest.approx((0.8, 1.2)) and cj.hue == pytest.approx((-0.1, 0.1))
+    for cj in _jitters(DataAugmentationiBOT((0.4, 1.0), (0.05, 0.4), 2, 1, 32, 16, color_jitter_scale=2.0)):
+        assert cj.brightness == pytest.approx((0.2, 1.8)) and cj.saturation == pytest.approx((0.6, 1.4))
+        assert cj.hue == pytest.approx((-0.2, 0.2))
+    assert color_jitter(10.0).hue == pytest.approx((-0.5, 0.5))  # hue capped at torchvision's maximum
 
 
 def test_getitem_format_and_collate(class_folder):
