@@ -130,6 +130,10 @@ def get_args_parser():
     parser.add_argument("--blur_radius_scale", default=1.0, type=float,
                         help="Multiply every Gaussian-blur radius of the multi-crop augmentation (1.0 = official; "
                              "0 disables blurring).")
+    parser.add_argument("--koleo_loss_weight", default=0.0, type=float,
+                        help="Weight of DINOv2's KoLeo regulariser on the student's backbone [CLS] features of "
+                             "each global crop (0 = off = official iBOT; DINOv2 uses 0.1). Spreads the features "
+                             "over the sphere; needs at least 2 images per process.")
     parser.add_argument("--color_jitter_scale", default=1.0, type=float,
                         help="Multiply the colour-jitter strengths (brightness 0.4, contrast 0.4, saturation 0.2, "
                              "hue 0.1; hue capped at 0.5) of the multi-crop augmentation (1.0 = official).")
@@ -218,9 +222,11 @@ def check_args(args):
         errors.append(f"--data_path {args.data_path!r} is not a folder")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         errors.append(f"--output_dir {args.output_dir!r} exists and is not a folder")
-    for flag in ("blur_radius_scale", "color_jitter_scale"):
+    for flag in ("blur_radius_scale", "color_jitter_scale", "koleo_loss_weight"):
         value = getattr(args, flag, 1.0)
         if not math.isfinite(value) or value < 0:
             errors.append(f"--{flag} must be a finite number >= 0 (got {value})")
+    if getattr(args, "koleo_loss_weight", 0.0) > 0 and args.batch_size_per_gpu < 2:
+        errors.append("--koleo_loss_weight needs --batch_size_per_gpu >= 2 (nearest neighbours within a batch)")
     errors += check_eval_args(args)
     return errors

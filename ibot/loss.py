@@ -170,3 +170,26 @@ class iBOTLoss(nn.Module):
 
         self.update_center(teacher_cls, teacher_patch_mean, teacher_patch_masked)
         return dict(cls=loss_cls, patch=loss_patch, loss=loss_cls + loss_patch)
+
+
+class KoLeoLoss(nn.Module):
+    """Kozachenko–Leonenko entropy regulariser of DINOv2 (``dinov2/loss/koleo_loss.py``), not part of iBOT.
+
+    ``forward(x (n, d)) -> scalar``: the mean over the n rows of ``-log`` of the Euclidean distance from
+    each L2-normalised row to its nearest other row — low when the rows spread over the sphere. Runs in
+    fp32; n >= 2. Used, when ``--koleo_loss_weight`` > 0, on the student's backbone [CLS] features of
+    each global crop separately (per process, as in DINOv2).
+    """
+
+    def __init__(self, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        x = F.normalize(x.float(), p=2, dim=-1, eps=self.eps)
+        with torch.no_grad():
+            dots = x @ x.t()
+            dots.fill_diagonal_(-2.0)  # a row is never its own neighbour
+            nearest = dots.argmax(dim=1)
+        distances = F.pairwise_distance(x, x[nearest], p=2, eps=self.eps)
+        return -torch.log(distances + self.eps).mean()

@@ -17,7 +17,7 @@ import torch
 
 from .cluster_metrics import eval_pred
 from .distributed import concat_all_gather
-from .loss import masked_token_weights
+from .loss import KoLeoLoss, masked_token_weights
 from .metric_logger import MetricLogger
 from .optim import (cancel_gradients_last_layer, clip_gradients, clip_gradients_foreach, common_parameters,
                     ema_update, ema_update_loop)
@@ -56,12 +56,25 @@ def _local_crops_context(student):
     return ctx()
 
 
-def forward_fast(student, teacher_without_ddp, ibot_loss, images, masks, epoch, ngcrops, device, single_pass=False):
+_KOLEO = KoLeoLoss()
+
+
+def add_koleo_term(losses, student_cls_feat, ngcrops, weight):
+    """Add ``weight`` × Σ over global crops of the KoLeo term of the student's backbone [CLS] features
+    ``(ng·B, D)`` to ``losses["loss"]`` and report it as ``losses["koleo"]`` (DINOv2; off when 0)."""
+    term = sum(_KOLEO(chunk) for chunk in student_cls_feat.chunk(ngcrops))
+    losses["koleo"] = term.detach()
+    losses["loss"] = losses["loss"] + weight * term
+    return losses
+
+
+def forward_fast(student, teacher_without_ddp, ibot_loss, images, masks, epoch, ngcrops, device, single_pass=False,
+                 koleo_weight=0.0):
     """Fast forward + loss. ``images``: list of crop batches on ``device``; ``masks``: list of at least
     ``ngcrops`` CPU bool tensors ``(B, H, W)``. Returns ``(loss dict, teacher cls (ng·B, K), student cls)``.
 
     ``single_pass``: one student call over global and local crops (one head pass over every [CLS]
-    and masked token) instead of two; same values.
+    and masked token) instead of two; same values. ``koleo_weight`` > 0 adds the KoLeo term.
     """
     global_masks = torch.cat(list(masks[:ngcrops]))
     index, weight = masked_token_weights(global_masks)
@@ -71,30 +84,39 @@ def forward_fast(student, teacher_without_ddp, ibot_loss, images, masks, epoch, 
     # with --center2_tokens masked the teacher head runs on [CLS] and masked tokens only
     t_cls, t_patch_masked, t_patch_mean = teacher_without_ddp.teacher_outputs(
         images[:ngcrops], index, patch_mean=ibot_loss.center2_tokens == "all")
-    s_local_cls = None
+    s_local_cls, koleo = None, koleo_weight > 0
     if single_pass and len(images) > ngcrops:
-        s_cls, s_patch_masked = student(images, mask=device_masks, masked_index=index)
+        s_cls, s_patch_masked, *feat = student(images, mask=device_masks, masked_index=index, return_cls_feat=koleo)
         s_cls, s_local_cls = s_cls[:t_cls.shape[0]], s_cls[t_cls.shape[0]:]
+        feat = [f[:t_cls.shape[0]] for f in feat]
     else:
-        s_cls, s_patch_masked = student(images[:ngcrops], mask=device_masks, masked_index=index)
+        s_cls, s_patch_masked, *feat = student(images[:ngcrops], mask=device_masks, masked_index=index,
+                                               return_cls_feat=koleo)
         if len(images) > ngcrops:
             with _local_crops_context(student):
                 s_local_cls = student(images[ngcrops:], cls_only=True)
     losses = ibot_loss.forward_masked(s_cls, s_local_cls, s_patch_masked, t_cls, t_patch_masked,
                                       t_patch_mean, weight, epoch)
+    if koleo:
+        add_koleo_term(losses, feat[0], ngcrops, koleo_weight)
     return losses, t_cls, s_cls
 
 
-def forward_reference(student, teacher, ibot_loss, images, masks, epoch, ngcrops, device):
+def forward_reference(student, teacher, ibot_loss, images, masks, epoch, ngcrops, device, koleo_weight=0.0):
     """Official forward + loss (heads on every token). Same inputs and outputs as ``forward_fast``."""
     device_masks = [m.to(device, non_blocking=True) for m in masks]
     teacher_output = teacher(images[:ngcrops])
-    student_output = student(images[:ngcrops], mask=device_masks[:ngcrops])
+    koleo = koleo_weight > 0
+    student_output = student(images[:ngcrops], mask=device_masks[:ngcrops], return_backbone_feat=koleo)
+    if koleo:
+        backbone_out, student_output = student_output
     s_local_cls = None
     if len(images) > ngcrops:
         with _local_crops_context(student):
             s_local_cls = student(images[ngcrops:])[0]
     losses = ibot_loss(student_output, teacher_output, s_local_cls, device_masks, epoch)
+    if koleo:
+        add_koleo_term(losses, backbone_out[:, 0], ngcrops, koleo_weight)
     return losses, teacher_output[0], student_output[0]
 
 
@@ -137,6 +159,7 @@ def train_step(student, teacher, teacher_without_ddp, ibot_loss, optimizer, imag
     in the fast path.
     """
     device, precision = args.device, args.precision
+    koleo_weight = getattr(args, "koleo_loss_weight", 0.0)
     reference = args.train_step == "reference"
     ngcrops = args.global_crops_number
     for j, param_group in enumerate(optimizer.param_groups):
@@ -146,10 +169,12 @@ def train_step(student, teacher, teacher_without_ddp, ibot_loss, optimizer, imag
 
     with autocast_context(device, precision):
         if reference:
-            losses, t_cls, s_cls = forward_reference(student, teacher, ibot_loss, images, masks, epoch, ngcrops, device)
+            losses, t_cls, s_cls = forward_reference(student, teacher, ibot_loss, images, masks, epoch, ngcrops, device,
+                                                     koleo_weight)
         else:
             losses, t_cls, s_cls = forward_fast(student, teacher_without_ddp, ibot_loss, images, masks, epoch,
-                                                ngcrops, device, getattr(args, "single_student_pass", False))
+                                                ngcrops, device, getattr(args, "single_student_pass", False),
+                                                koleo_weight)
     loss = losses["loss"]
     if reference and not math.isfinite(loss.item()):
         print(f"Loss is {loss.item()}, stopping training", force=True)
@@ -227,6 +252,8 @@ def train_one_epoch(student, teacher, teacher_without_ddp, ibot_loss, data_loade
             watch.update(it, losses, grad_norm)
         metric_logger.update(loss=losses["loss"].detach())
         metric_logger.update(cls=losses["cls"].detach(), patch=losses["patch"].detach())
+        if "koleo" in losses:
+            metric_logger.update(koleo=losses["koleo"])
         metric_logger.update(lr=optimizer.param_groups[0]["lr"], wd=optimizer.param_groups[0]["weight_decay"])
         metric_logger.update(acc=(pred1 == pred2).float().mean())
         if not reference and (i % print_freq == 0 or i == len(data_loader) - 1):

@@ -3,7 +3,8 @@
 ``forward`` is the official one (head on every token). The trainer's fast path goes through the
 same module (so that DDP sees one forward) with two keyword-only switches:
 - ``masked_index``: student global crops — the head runs on the [CLS] tokens and on the masked
-  patch tokens only; returns ``(cls_logits (n, K), patch_logits (M, Kp))``;
+  patch tokens only; returns ``(cls_logits (n, K), patch_logits (M, Kp))``, plus the backbone's
+  [CLS] features ``(n, D)`` as a third item with ``return_cls_feat=True``;
 - ``cls_only``: student local crops — the head runs on the [CLS] tokens only; returns ``(n, K)``.
 The teacher, never trained, uses ``teacher_outputs``.
 """
@@ -69,7 +70,8 @@ class MultiCropWrapper(nn.Module):
             return out[:n], out[n:]
         return head.cls_logits(h[:n]), head.patch_logits(h[n:])
 
-    def forward(self, x, mask=None, return_backbone_feat=False, *, masked_index=None, cls_only=False, **kwargs):
+    def forward(self, x, mask=None, return_backbone_feat=False, *, masked_index=None, cls_only=False,
+                return_cls_feat=False, **kwargs):
         """Official: head on every backbone output. See the module docstring for the fast switches."""
         if masked_index is not None:
             groups = self.backbone_groups(x, mask=mask, **kwargs)
@@ -82,7 +84,8 @@ class MultiCropWrapper(nn.Module):
             glob = torch.cat(masked_groups) if len(masked_groups) > 1 else masked_groups[0]
             cls = torch.cat([g[:, 0] for g in groups])
             patches = glob.reshape(-1, glob.shape[-1]).index_select(0, _masked_rows(glob, masked_index))
-            return self._logits(self.head.bottleneck(torch.cat([cls, patches])), cls.shape[0])
+            logits = self._logits(self.head.bottleneck(torch.cat([cls, patches])), cls.shape[0])
+            return (*logits, cls) if return_cls_feat else logits
         output = self.backbone_tokens(x, mask=mask, **kwargs)
         if cls_only:
             return self.head.cls_logits(self.head.bottleneck(output[:, 0]))

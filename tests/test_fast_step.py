@@ -246,6 +246,22 @@ def test_single_student_pass_equals_reference(flags):
     compare_paths(flags, ("random", "full_crop"), single_pass=True)
 
 
+@pytest.mark.parametrize("single_pass", [False, True], ids=["two_passes", "single_pass"])
+def test_koleo_term_same_in_both_paths(single_pass):
+    """--koleo_loss_weight: the fast and reference steps add the same KoLeo term (value, gradients,
+    weights), and the term is w * sum over global crops of KoLeoLoss on the backbone [CLS] features."""
+    flags = ["--koleo_loss_weight", "0.5"]
+    # not "full_crop": identical inputs (every token masked) have no nearest neighbour to speak of
+    rec_f, rec_r = compare_paths(flags, ("random", "empty"), single_pass=single_pass)
+    for a, b in zip(rec_f, rec_r):
+        torch.testing.assert_close(a["losses"]["koleo"], b["losses"]["koleo"], rtol=1e-5, atol=1e-6)
+        assert a["losses"]["koleo"].item() > 0
+        torch.testing.assert_close(a["losses"]["loss"], a["losses"]["cls"] + a["losses"]["patch"]
+                                   + 0.5 * a["losses"]["koleo"], rtol=1e-6, atol=1e-6)
+    plain, _ = compare_paths([], ("random", "empty"))
+    assert "koleo" not in plain[0]["losses"]  # off by default: the official objective
+
+
 def test_frozen_last_layer_epoch():
     """epoch < --freeze_last_layer: last-layer grads are dropped identically in both paths."""
     compare_paths(["--freeze_last_layer", "2", "--shared_head", "false"], ("random", "random"), epoch=1)

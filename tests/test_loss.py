@@ -83,3 +83,24 @@ def test_temperature_schedule_shift_and_validation():
 def test_needs_two_global_crops():
     with pytest.raises(ValueError, match="--global_crops_number"):
         iBOTLoss(8, 8, 1, 2, 0.04, 0.04, 0.04, 0.07, 1, 2)
+
+
+def test_koleo_loss_value_and_direction():
+    """KoLeoLoss = mean over rows of -log(distance to the nearest other row) of L2-normalised rows
+    (DINOv2); it is larger for concentrated features and its gradient spreads them."""
+    from ibot.loss import KoLeoLoss
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 8, generator=g)
+    xn = torch.nn.functional.normalize(x, dim=1)
+    dist = torch.cdist(xn, xn)
+    dist.fill_diagonal_(float("inf"))
+    expected = -torch.log(dist.min(dim=1).values).mean()
+    koleo = KoLeoLoss()
+    torch.testing.assert_close(koleo(x), expected, rtol=1e-5, atol=1e-6)
+    concentrated = (torch.randn(1, 8, generator=g) + 0.01 * torch.randn(16, 8, generator=g)).requires_grad_()
+    value = koleo(concentrated)
+    assert value.item() > koleo(x).item() + 3
+    value.backward()
+    with torch.no_grad():
+        assert koleo(concentrated - 0.1 * concentrated.grad).item() < value.item()
+    assert koleo(x.to(torch.bfloat16)).dtype == torch.float32
