@@ -38,7 +38,7 @@ SMALL_IMAGE_RECIPE = [
     "--koleo_loss_weight", "0.1", "--color_jitter_scale", "2",
     "--teacher_temp", "0.07", "--warmup_teacher_temp", "0.04", "--warmup_teacher_temp_epochs", "1",
     "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2",
-    "--batch_size_per_gpu", "32", "--epochs", "5", "--num_workers", "2", "--saveckp_freq", "0",
+    "--batch_size_per_gpu", "32", "--epochs", "5", "--num_workers", "1", "--saveckp_freq", "0",
 ]
 EVAL_SIZE = 32
 PER_CLASS_TRAIN, PER_CLASS_VAL = 300, 100
