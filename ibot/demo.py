@@ -82,7 +82,7 @@ def read_log(output_dir):
 
 
 def plot_curve(records, random_level, path, title=""):
-    """k-NN top-1 (teacher, student) by epoch beside ``random_level``, and the loss, into ``path``."""
+    """k-NN top-1 (teacher, student) by epoch beside ``random_level``, and the loss terms, into ``path``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -98,11 +98,17 @@ def plot_curve(records, random_level, path, title=""):
     ax1.set_title("k-NN (k=20) on Fashion-MNIST val")
     ax1.legend()
     ax1.grid(alpha=0.3)
-    ax2.plot(epochs, [r.get("train_loss", float("nan")) for r in records], "o-", color="C3")
+    for key, label, style in (("train_loss", "total", "o-"), ("train_cls", "[CLS] distillation", "s--"),
+                              ("train_patch", "masked patches", "^--"), ("train_koleo", "KoLeo (unweighted)", "d:")):
+        if any(key in r for r in records):
+            ax2.plot(epochs, [r.get(key, float("nan")) for r in records], style, label=label)
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("training loss")
-    ax2.set_title("iBOT loss (cls + patch)")
+    ax2.set_ylabel("training loss (epoch mean)")
+    ax2.set_title("training loss terms")
+    ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
+    for ax in (ax1, ax2):
+        ax.xaxis.get_major_locator().set_params(integer=True)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -143,7 +149,7 @@ def report(data_dir, output_dir, k=20):
         "minutes": round((now - start_info["start"]) / 60, 2) if start_info else None,
         "pretrain_minutes": round((pretrain_end - start_info["data_ready"]) / 60, 2) if start_info else None,
         "arch": arch, "patch_size": patch,
-        "curve": [{"epoch": r["epoch"] + 1, **{key: r[key] for key in ("train_loss", "knn_top1_teacher",
+        "curve": [{"epoch": r["epoch"] + 1, **{key: r[key] for key in ("train_loss", "train_cls", "train_patch", "train_koleo", "knn_top1_teacher",
                                                                        "knn_top1_student") if key in r}}
                   for r in records],
         "recipe": {key: v for key, v in run_args.items() if key not in ("rank", "world_size", "gpu", "distributed")
