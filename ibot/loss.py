@@ -11,6 +11,9 @@ DINOv2's loss modules. Two entry points compute the same value:
   mean over the batch, quirk Q4).
 
 Softmax, centring and the losses run in fp32 whatever the autocast precision.
+
+``KoLeoLoss`` is DINOv2's regulariser, not part of iBOT; the trainer adds it only with
+``--koleo_loss_weight`` > 0 (used by the small-image recipe, docs/small_image_recipe.md).
 """
 import numpy as np
 import torch
@@ -18,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .distributed import all_reduce_sum, get_world_size
+
+__all__ = ["teacher_temperature_schedules", "masked_token_weights", "iBOTLoss", "KoLeoLoss"]
 
 
 def teacher_temperature_schedules(warmup_teacher_temp, teacher_temp, warmup_teacher_temp2, teacher_temp2,
