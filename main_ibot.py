@@ -14,6 +14,7 @@ from ibot.cli import get_args_parser
 from ibot.loss import iBOTLoss  # noqa: F401
 from ibot.checkpoint import CheckpointWriteError, CorruptCheckpointError, UnsafeCheckpointError
 from ibot.data import BadImageError
+from ibot.distributed import shutdown_distributed
 from ibot.faults import TrainingInterrupted
 from ibot.pretrain import ConfigError, train_ibot
 from ibot.train import NonFiniteLossError, train_one_epoch  # noqa: F401
@@ -35,6 +36,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         train_ibot(args)
+        shutdown_distributed()
     except (ConfigError, UnsafeCheckpointError, CorruptCheckpointError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     except (NonFiniteLossError, BadImageError, CheckpointWriteError) as err:

@@ -35,6 +35,7 @@ if __package__ in (None, ""):
 
 import torch
 
+from ibot.distributed import shutdown_distributed
 from ibot.checkpoint import safe_load
 from ibot.features import build_backbone, check_image_folder, eval_transform, image_folder, make_loader
 from ibot.knn import knn_classifier, run_knn
@@ -205,3 +206,4 @@ def compare_trained_vs_random(pretrained_weights, data_path, k=20, **kwargs):
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main(get_args_parser().parse_args())
+    shutdown_distributed()

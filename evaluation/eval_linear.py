@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from ibot.distributed import shutdown_distributed
 from ibot.checkpoint import atomic_save, safe_load
 from ibot.features import (build_backbone, check_image_folder, dist_ready, eval_transform, feature_dim,
                            frozen_features, image_folder, make_loader, train_transform)
@@ -362,3 +363,4 @@ def main(args):
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main(get_args_parser().parse_args())
+    shutdown_distributed()

@@ -28,6 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from evaluation.eval_linear import HeadSpec, get_args_parser as _parser, run_linear, setup  # noqa: E402
+from ibot.distributed import shutdown_distributed  # noqa: E402
 
 __all__ = ["lr_grid", "head_specs", "get_args_parser", "main"]
 
@@ -63,3 +64,4 @@ def main(args):
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main(get_args_parser().parse_args())
+    shutdown_distributed()

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from evaluation.eval_knn import ARCHS, FEATURE_FILES, _dump_dir, _load_features, build_knn_loaders
+from ibot.distributed import shutdown_distributed
 from ibot.features import build_backbone, check_image_folder, dist_ready, extract_features
 from ibot.misc import bool_flag, fix_random_seeds, print_run_header
 from ibot.pretrained import load_pretrained_weights
@@ -148,3 +149,4 @@ def main(args):
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main(get_args_parser().parse_args())
+    shutdown_distributed()

@@ -111,6 +111,15 @@ def init_distributed_once(args):
         args._dist_ready = True
 
 
+def shutdown_distributed():
+    """Wait for every rank, then destroy the process group (no-op without one). Entry points call it on
+    a normal exit: a rank that leaves while gloo/NCCL threads of a live group still run can abort
+    with ``terminate called without an active exception``."""
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(tensor):
     """In-place SUM all-reduce (no-op without a process group); returns the tensor."""
     if is_dist_avail_and_initialized():

@@ -13,7 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ibot.cli import get_args_parser  # noqa: E402
-from ibot.distributed import all_reduce_sum, get_rank, get_world_size, init_distributed_mode  # noqa: E402
+from ibot.distributed import (all_reduce_sum, get_rank, get_world_size, init_distributed_mode,  # noqa: E402
+                              shutdown_distributed)
 from ibot.masking import MaskGenerator  # noqa: E402
 from ibot.misc import fix_random_seeds  # noqa: E402
 from ibot.optim import common_parameters  # noqa: E402
@@ -59,6 +60,7 @@ def main(out_path, train_step_impl):
     if rank == 0:
         torch.save({**record, "center": loss_fn.center, "center2": loss_fn.center2,
                     "teacher": teacher_without_ddp.state_dict()}, out_path)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

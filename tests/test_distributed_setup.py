@@ -47,3 +47,18 @@ def test_slurm_sets_the_world_size(calls, monkeypatch):
     assert (args.rank, args.world_size) == (5, 8)
     assert calls["world_size"] == 8 and calls["rank"] == 5
     assert distributed.os.environ["WORLD_SIZE"] == "8" and distributed.os.environ["LOCAL_RANK"] == "1"
+
+
+def test_shutdown_destroys_the_group_after_a_barrier(tmp_path):
+    """shutdown_distributed: no-op without a group; with one, barrier then destroy (entry points call it
+    so that no rank exits while the group's threads still run)."""
+    import torch.distributed as dist
+    distributed.shutdown_distributed()  # no group: nothing happens
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        distributed.shutdown_distributed()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

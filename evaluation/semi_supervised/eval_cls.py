@@ -45,6 +45,7 @@ from torch import nn
 
 from evaluation import eval_cls
 from ibot.checkpoint import safe_load
+from ibot.distributed import shutdown_distributed
 from ibot.pretrained import load_pretrained_weights, select_state_dict, strip_prefixes
 from models.head import weight_norm_linear
 from models.init import trunc_normal_init
@@ -123,3 +124,4 @@ def main(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("iBOT semi-supervised fine-tuning", parents=[get_args_parser()])
     main(parser.parse_args())
+    shutdown_distributed()

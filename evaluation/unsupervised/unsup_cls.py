@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
+from ibot.distributed import shutdown_distributed
 from ibot.checkpoint import safe_load
 from ibot.cluster_metrics import eval_pred
 from ibot.features import (build_backbone, check_image_folder, dist_ready, eval_transform, image_folder,
@@ -148,3 +149,4 @@ def main(args):
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main(get_args_parser().parse_args())
+    shutdown_distributed()
