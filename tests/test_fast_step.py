@@ -19,7 +19,6 @@ gradient error e moves a weight by ~lr·e, except where the exact gradient is 0)
 """
 import copy
 import random
-from functools import partial
 
 import numpy as np
 import pytest
@@ -27,7 +26,6 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import models
 import ibot.train as train_mod
 from ibot import pretrain
 from ibot.cli import get_args_parser
@@ -36,7 +34,7 @@ from ibot.masking import MaskGenerator
 from ibot.optim import (build_optimizer, clip_gradients, clip_gradients_foreach, common_parameters,
                         ema_update, ema_update_loop, get_params_groups)
 from ibot.train import autocast_context, forward_fast, forward_reference, train_step, unwrap
-from models.vision_transformer import VisionTransformer
+from tiny_models import register_tiny_arch, tiny_vit
 
 B = 4          # images per crop
 LR = 1e-3
@@ -44,17 +42,12 @@ LR = 1e-3
 
 def vit_test(patch_size=8, **kwargs):
     """A 2-block, 48-dim ViT with the official block structure."""
-    return VisionTransformer(patch_size=patch_size, embed_dim=48, depth=2, num_heads=3, mlp_ratio=4,
-                             qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+    return tiny_vit(depth=2, patch_size=patch_size, **kwargs)
 
 
 @pytest.fixture(autouse=True)
 def _tiny_arch(monkeypatch):
-    monkeypatch.setattr(models, "vit_test", vit_test, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster, and robust on a shared machine
-    yield
-    torch.set_num_threads(threads)
+    yield from register_tiny_arch(monkeypatch, "vit_test", vit_test)
 
 
 def make_args(*flags, train_step="fast", precision="fp32", single_pass=False):

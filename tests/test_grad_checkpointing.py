@@ -23,10 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-import models
 import models.swin_transformer as swin_mod
 import models.vision_transformer as vit_mod
 from ibot import pretrain
@@ -35,7 +33,7 @@ from ibot.masking import MaskGenerator
 from ibot.optim import build_optimizer, common_parameters, get_params_groups
 from ibot.train import train_step, unwrap
 from models.swin_transformer import SwinTransformer
-from models.vision_transformer import VisionTransformer
+from tiny_models import register_tiny_arch, tiny_vit
 
 B = 4          # images per crop
 GRID = (4, 4)  # 32-px global crops, patch 8
@@ -43,17 +41,12 @@ GRID = (4, 4)  # 32-px global crops, patch 8
 
 def vit_ckpt_test(patch_size=8, **kwargs):
     """A 3-block, 48-dim ViT with the official block structure (drop-path rates 0, r/2, r)."""
-    return VisionTransformer(patch_size=patch_size, embed_dim=48, depth=3, num_heads=3, mlp_ratio=4,
-                             qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+    return tiny_vit(depth=3, patch_size=patch_size, **kwargs)
 
 
 @pytest.fixture(autouse=True)
 def _tiny_arch(monkeypatch):
-    monkeypatch.setattr(models, "vit_ckpt_test", vit_ckpt_test, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from register_tiny_arch(monkeypatch, "vit_ckpt_test", vit_ckpt_test)
 
 
 def make_args(*flags, train_step="fast"):

@@ -1,0 +1,24 @@
+"""Tiny networks for step-level tests, registered in ``models`` under a test-only name."""
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+import models
+from models.vision_transformer import VisionTransformer
+
+
+def tiny_vit(depth=2, patch_size=8, **kwargs):
+    """A ``depth``-block, 48-dim, 3-head ViT with the official block structure (qkv bias, LayerNorm 1e-6)."""
+    return VisionTransformer(patch_size=patch_size, embed_dim=48, depth=depth, num_heads=3, mlp_ratio=4,
+                             qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
+def register_tiny_arch(monkeypatch, name, factory):
+    """Make ``--arch name`` build ``factory`` for the duration of a test, with one torch thread (tiny
+    models run faster on one, and are robust on a shared machine). A generator: yield from it in a fixture."""
+    monkeypatch.setattr(models, name, factory, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
