@@ -68,10 +68,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models
 from ibot import distributed as ibot_dist
-from ibot.distributed import shutdown_distributed
-from ibot.finetune import (GradScalerWithNorm, RASampler, barrier, build_finetune_transform, epoch_cosine_value, evaluate,
-                           load_checkpoint_for_resume, param_groups_layer_decay, save_checkpoint, save_json_log,
-                           train_one_epoch)
+from ibot.finetune import (GradScalerWithNorm, RASampler, barrier, build_finetune_transform, epoch_cosine_value,
+                           evaluate, load_checkpoint_for_resume, param_groups_layer_decay, save_checkpoint,
+                           save_json_log, train_one_epoch)
 from ibot.misc import fix_random_seeds, print_run_header
 from ibot.pretrained import load_pretrained_weights
 
@@ -493,4 +492,4 @@ def main(args, build_model_fn=build_model):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("iBOT transfer fine-tuning", parents=[get_args_parser()])
     main(parser.parse_args())
-    shutdown_distributed()
+    ibot_dist.shutdown_distributed()

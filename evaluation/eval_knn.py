@@ -35,8 +35,8 @@ if __package__ in (None, ""):
 
 import torch
 
-from ibot.distributed import shutdown_distributed
 from ibot.checkpoint import safe_load
+from ibot.distributed import init_distributed_once, shutdown_distributed
 from ibot.features import build_backbone, check_image_folder, eval_transform, image_folder, make_loader
 from ibot.knn import knn_classifier, run_knn
 from ibot.misc import bool_flag, fix_random_seeds, print_run_header
@@ -151,7 +151,6 @@ def eval_knn_for_key(args, device=None):
 
 def main(args):
     """Evaluate every key of ``args.checkpoint_key`` (comma list). Returns ``{key: {k: {top1, top5}}}``."""
-    from ibot.distributed import init_distributed_once
     init_distributed_once(args)
     print_run_header(args)
     if not args.load_features:  # fail before any work if the data is not there

@@ -38,16 +38,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from ibot.distributed import shutdown_distributed
 from ibot.checkpoint import atomic_save, safe_load
+from ibot.distributed import init_distributed_once, shutdown_distributed
 from ibot.features import (build_backbone, check_image_folder, dist_ready, eval_transform, feature_dim,
                            frozen_features, image_folder, make_loader, train_transform)
 from ibot.misc import bool_flag, fix_random_seeds, print_run_header
 from ibot.optim import LARS
 from ibot.pretrained import load_pretrained_weights
 
-__all__ = ["LinearClassifier", "LARS", "HeadSpec", "build_linear_heads", "get_args_parser", "main", "run_linear", "build_linear_data",
-           "train_one_epoch", "validate"]
+__all__ = ["LinearClassifier", "LARS", "HeadSpec", "build_linear_heads", "get_args_parser", "main", "run_linear",
+           "build_linear_data", "train_one_epoch", "validate"]
 
 ARCHS = ["vit_tiny", "vit_small", "vit_base", "vit_large", "swin_tiny", "swin_small", "swin_base", "swin_large"]
 
@@ -341,7 +341,6 @@ def run_linear(args, specs, multi=False):
 
 def setup(args):
     """Distributed set-up (once), git SHA and args printout, output dir and data checks."""
-    from ibot.distributed import init_distributed_once
     init_distributed_once(args)
     print_run_header(args)
     for split in ("train", "val"):

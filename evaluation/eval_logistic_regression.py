@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from evaluation.eval_knn import ARCHS, FEATURE_FILES, _dump_dir, _load_features, build_knn_loaders
-from ibot.distributed import shutdown_distributed
+from ibot.distributed import init_distributed_once, shutdown_distributed
 from ibot.features import build_backbone, check_image_folder, dist_ready, extract_features
 from ibot.misc import bool_flag, fix_random_seeds, print_run_header
 from ibot.pretrained import load_pretrained_weights
@@ -119,7 +119,6 @@ def _features_for_key(args, device):
 
 def main(args):
     """Fit one classifier per λ for every checkpoint key. Returns ``{key: {λ: accuracy fraction}}`` (rank 0)."""
-    from ibot.distributed import init_distributed_once
     init_distributed_once(args)
     print_run_header(args)
     if not args.load_features:

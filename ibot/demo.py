@@ -40,6 +40,9 @@ SMALL_IMAGE_RECIPE = [
     "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2",
     "--batch_size_per_gpu", "32", "--epochs", "5", "--num_workers", "1", "--saveckp_freq", "0",
 ]
+#: Loss terms logged per epoch (log.txt keys) and their labels in the plot.
+LOSS_TERMS = (("train_loss", "total"), ("train_cls", "[CLS] distillation"), ("train_patch", "masked patches"),
+              ("train_koleo", "KoLeo (unweighted)"))
 EVAL_SIZE = 32
 PER_CLASS_TRAIN, PER_CLASS_VAL = 300, 100
 _START_FILE = "demo_start.json"
@@ -98,8 +101,7 @@ def plot_curve(records, random_level, path, title=""):
     ax1.set_title("k-NN (k=20) on Fashion-MNIST val")
     ax1.legend()
     ax1.grid(alpha=0.3)
-    for key, label, style in (("train_loss", "total", "o-"), ("train_cls", "[CLS] distillation", "s--"),
-                              ("train_patch", "masked patches", "^--"), ("train_koleo", "KoLeo (unweighted)", "d:")):
+    for (key, label), style in zip(LOSS_TERMS, ("o-", "s--", "^--", "d:")):
         if any(key in r for r in records):
             ax2.plot(epochs, [r.get(key, float("nan")) for r in records], style, label=label)
     ax2.set_xlabel("epoch")
@@ -149,8 +151,8 @@ def report(data_dir, output_dir, k=20):
         "minutes": round((now - start_info["start"]) / 60, 2) if start_info else None,
         "pretrain_minutes": round((pretrain_end - start_info["data_ready"]) / 60, 2) if start_info else None,
         "arch": arch, "patch_size": patch,
-        "curve": [{"epoch": r["epoch"] + 1, **{key: r[key] for key in ("train_loss", "train_cls", "train_patch", "train_koleo", "knn_top1_teacher",
-                                                                       "knn_top1_student") if key in r}}
+        "curve": [{"epoch": r["epoch"] + 1, **{key: r[key] for key in [k for k, _ in LOSS_TERMS]
+                                               + ["knn_top1_teacher", "knn_top1_student"] if key in r}}
                   for r in records],
         "recipe": {key: v for key, v in run_args.items() if key not in ("rank", "world_size", "gpu", "distributed")
                    and isinstance(v, (int, float, str, bool, list, tuple, type(None)))},

@@ -516,4 +516,3 @@ def build_finetune_transform(is_train, args, mean, std, eval_size, eval_interpol
         t.append(transforms.CenterCrop(args.input_size))
     t += [transforms.ToTensor(), transforms.Normalize(mean, std)]
     return transforms.Compose(t)
-

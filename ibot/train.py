@@ -21,6 +21,7 @@ from .loss import KoLeoLoss, masked_token_weights
 from .metric_logger import MetricLogger
 from .optim import (cancel_gradients_last_layer, clip_gradients, clip_gradients_foreach, common_parameters,
                     ema_update, ema_update_loop)
+from .wrapper import unmasked
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,17 +44,7 @@ def autocast_context(device, precision):
 
 def _local_crops_context(student):
     """Official: the student's local crops are never masked (the backbone's flag is off meanwhile)."""
-    backbone = unwrap(student).backbone
-
-    @contextlib.contextmanager
-    def ctx():
-        previous = backbone.masked_im_modeling
-        backbone.masked_im_modeling = False
-        try:
-            yield
-        finally:
-            backbone.masked_im_modeling = previous
-    return ctx()
+    return unmasked(unwrap(student).backbone)
 
 
 _KOLEO = KoLeoLoss()

@@ -50,7 +50,7 @@ class MultiCropWrapper(nn.Module):
             elif mask is not None and start < len(mask):
                 raise ValueError("the masked crops must form whole groups of equal width")
             elif mask is not None:
-                with _unmasked(self.backbone):
+                with unmasked(self.backbone):
                     outputs.append(self.backbone(inp, **kwargs))
             else:
                 outputs.append(self.backbone(inp, **kwargs))
@@ -120,7 +120,7 @@ class MultiCropWrapper(nn.Module):
 
 
 @contextlib.contextmanager
-def _unmasked(backbone):
+def unmasked(backbone):
     """Official: the student's local crops are never masked (the backbone's flag is off meanwhile)."""
     previous = backbone.masked_im_modeling
     backbone.masked_im_modeling = False

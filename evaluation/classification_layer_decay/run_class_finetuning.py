@@ -53,7 +53,6 @@ from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IM
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from ibot import distributed as ibot_dist
-from ibot.distributed import shutdown_distributed
 from ibot.finetune import (GradScalerWithNorm, barrier, build_finetune_transform, cosine_scheduler, evaluate,
                            load_checkpoint_for_resume, save_checkpoint, save_json_log, train_one_epoch)
 from ibot.misc import fix_random_seeds, print_run_header
@@ -392,4 +391,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser("BEiT fine-tuning and evaluation script for image classification",
                                      parents=[get_args_parser()])
     main(parser.parse_args())
-    shutdown_distributed()
+    ibot_dist.shutdown_distributed()

@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
-from ibot.distributed import shutdown_distributed
 from ibot.checkpoint import safe_load
 from ibot.cluster_metrics import eval_pred
+from ibot.distributed import init_distributed_once, shutdown_distributed
 from ibot.features import (build_backbone, check_image_folder, dist_ready, eval_transform, image_folder,
                            make_loader)
 from ibot.misc import print_run_header
@@ -121,7 +121,6 @@ def predict(backbone, head, loader, device):
 
 def main(args):
     """Score the head's argmax clustering on ``data_path/val``. Returns ``{"nmi", "ari", "fscore", "acc"}``."""
-    from ibot.distributed import init_distributed_once
     from models.head import DINOHead
     init_distributed_once(args)
     print_run_header(args)
