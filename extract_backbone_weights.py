@@ -21,9 +21,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ibot.checkpoint import atomic_save  # noqa: E402
-from ibot.export import ExportError, export_timm, extract_backbone, load_entry  # noqa: E402
-from ibot.misc import bool_flag  # noqa: E402
+from ibot.utils.checkpoint import atomic_save  # noqa: E402
+from ibot.eval.export import ExportError, export_timm, extract_backbone, load_entry  # noqa: E402
+from ibot.utils.misc import bool_flag  # noqa: E402
 
 
 def get_args_parser():

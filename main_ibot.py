@@ -9,15 +9,15 @@ Flags, defaults and files are the official ones (``python main_ibot.py --help``)
 import argparse
 import sys
 
-from ibot.augment import DataAugmentationiBOT  # noqa: F401  (official name)
-from ibot.cli import get_args_parser
-from ibot.loss import iBOTLoss  # noqa: F401
-from ibot.checkpoint import CheckpointWriteError, CorruptCheckpointError, UnsafeCheckpointError
-from ibot.data import BadImageError
-from ibot.distributed import shutdown_distributed
-from ibot.faults import TrainingInterrupted
-from ibot.pretrain import ConfigError, train_ibot
-from ibot.train import NonFiniteLossError, train_one_epoch  # noqa: F401
+from ibot.data.augment import DataAugmentationiBOT  # noqa: F401  (official name)
+from ibot.train.flags import get_args_parser
+from ibot.train.loss import iBOTLoss  # noqa: F401
+from ibot.utils.checkpoint import CheckpointWriteError, CorruptCheckpointError, UnsafeCheckpointError
+from ibot.data.folders import BadImageError
+from ibot.utils.distributed import shutdown_distributed
+from ibot.train.faults import TrainingInterrupted
+from ibot.train.driver import ConfigError, train_ibot
+from ibot.train.step import NonFiniteLossError, train_one_epoch  # noqa: F401
 
 __all__ = ["get_args_parser", "iBOTLoss", "DataAugmentationiBOT", "train_one_epoch", "train_ibot"]
 

@@ -3,18 +3,18 @@
 Scripts written for the official repository (``import utils; utils.MultiCropWrapper(...)``) keep
 working; new code should import from ``ibot.*`` directly.
 """
-from ibot.augment import GaussianBlur, Solarization
-from ibot.checkpoint import atomic_save, restart_from_checkpoint, safe_load
-from ibot.distributed import (concat_all_gather, get_rank, get_world_size, init_distributed_mode,
+from ibot.data.augment import GaussianBlur, Solarization
+from ibot.utils.checkpoint import atomic_save, restart_from_checkpoint, safe_load
+from ibot.utils.distributed import (concat_all_gather, get_rank, get_world_size, init_distributed_mode,
                               is_dist_avail_and_initialized, is_main_process, save_on_master,
                               setup_for_distributed)
-from ibot.metric_logger import MetricLogger, SmoothedValue
-from ibot.misc import bool_flag, fix_random_seeds, get_sha
-from ibot.optim import (LARS, cancel_gradients_last_layer, clip_gradients, get_params_groups,
+from ibot.utils.metric_logger import MetricLogger, SmoothedValue
+from ibot.utils.misc import bool_flag, fix_random_seeds, get_sha
+from ibot.train.optim import (LARS, cancel_gradients_last_layer, clip_gradients, get_params_groups,
                         has_batchnorms)
-from ibot.pretrained import load_pretrained_weights
-from ibot.schedules import cosine_scheduler
-from ibot.wrapper import MultiCropWrapper
+from ibot.eval.weights import load_pretrained_weights
+from ibot.train.schedules import cosine_scheduler
+from ibot.models.wrapper import MultiCropWrapper
 
 __all__ = [
     "GaussianBlur", "Solarization", "atomic_save", "restart_from_checkpoint", "safe_load",

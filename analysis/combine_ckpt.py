@@ -20,8 +20,8 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ibot.checkpoint import atomic_save, safe_load
-from ibot.pretrained import backbone_state_dict, select_state_dict
+from ibot.utils.checkpoint import atomic_save, safe_load
+from ibot.eval.weights import backbone_state_dict, select_state_dict
 
 __all__ = ["get_args_parser", "combine", "main"]
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import models
-from ibot.pretrained import load_pretrained_weights
+from ibot.eval.weights import load_pretrained_weights
 
 VIT_ARCHS = ["vit_tiny", "vit_small", "vit_base", "vit_large"]
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 import models
-from ibot.checkpoint import safe_load
-from ibot.features import frozen_features
-from ibot.pretrained import PretrainedWeightsError, strip_prefixes
+from ibot.utils.checkpoint import safe_load
+from ibot.eval.features import frozen_features
+from ibot.eval.weights import PretrainedWeightsError, strip_prefixes
 
 __all__ = ["LinearEvalViT", "FEATURE_SETTINGS", "load_classifier_state", "vit_tiny", "vit_small", "vit_base",
            "vit_large", "predict"]

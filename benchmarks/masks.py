@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ibot.masking import MaskGenerator  # noqa: E402
+from ibot.data.masking import MaskGenerator  # noqa: E402
 
 SETTINGS = [
     # name, grid, pred_ratio, pred_ratio_var, shape
@@ -47,7 +47,7 @@ def bench_aug(global_size, local_size, nl, n):
     import numpy as np
     from PIL import Image
 
-    from ibot.augment import DataAugmentationiBOT
+    from ibot.data.augment import DataAugmentationiBOT
     aug = DataAugmentationiBOT((0.25, 1.0), (0.05, 0.25), 2, nl, global_size, local_size)
     side = 256 if global_size > 64 else global_size
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))

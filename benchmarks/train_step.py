@@ -40,12 +40,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ibot import pretrain  # noqa: E402
-from ibot.cli import get_args_parser  # noqa: E402
-from ibot.masking import MaskGenerator  # noqa: E402
-from ibot.misc import bool_flag  # noqa: E402
-from ibot.optim import common_parameters  # noqa: E402
-from ibot.train import train_step, unwrap  # noqa: E402
+from ibot.train import driver as pretrain  # noqa: E402
+from ibot.train.flags import get_args_parser  # noqa: E402
+from ibot.data.masking import MaskGenerator  # noqa: E402
+from ibot.utils.misc import bool_flag  # noqa: E402
+from ibot.train.optim import common_parameters  # noqa: E402
+from ibot.train.step import train_step, unwrap  # noqa: E402
 
 # dense peak TFLOPS of one H100 SXM (NVIDIA data sheet, without sparsity)
 H100_PEAK_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5}
@@ -108,7 +108,7 @@ def peak_mem_mb(device):
 
 def profile_step(step, i, device):
     """torch.profiler tables of one step: the phases (forward+loss, backward, clip, optimizer, EMA) and the ops."""
-    import ibot.train as train_mod
+    import ibot.train.step as train_mod
     from torch.profiler import ProfilerActivity, profile, record_function
 
     def labelled(fn, name):

@@ -67,12 +67,12 @@ from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models
-from ibot import distributed as ibot_dist
-from ibot.finetune import (GradScalerWithNorm, RASampler, barrier, build_finetune_transform, epoch_cosine_value,
+from ibot.utils import distributed as ibot_dist
+from ibot.eval.finetune import (GradScalerWithNorm, RASampler, barrier, build_finetune_transform, epoch_cosine_value,
                            evaluate, load_checkpoint_for_resume, param_groups_layer_decay, save_checkpoint,
                            save_json_log, train_one_epoch)
-from ibot.misc import fix_random_seeds, print_run_header
-from ibot.pretrained import load_pretrained_weights
+from ibot.utils.misc import fix_random_seeds, print_run_header
+from ibot.eval.weights import load_pretrained_weights
 
 DATA_SETS = ["CIFAR", "CIFAR10", "IMNET", "folder", "image_folder", "INAT", "INAT19", "Cars", "Flwrs"]
 

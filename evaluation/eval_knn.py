@@ -35,12 +35,12 @@ if __package__ in (None, ""):
 
 import torch
 
-from ibot.checkpoint import safe_load
-from ibot.distributed import init_distributed_once, shutdown_distributed
-from ibot.features import build_backbone, check_image_folder, eval_transform, image_folder, make_loader
-from ibot.knn import knn_classifier, run_knn
-from ibot.misc import bool_flag, fix_random_seeds, print_run_header
-from ibot.pretrained import load_pretrained_weights
+from ibot.utils.checkpoint import safe_load
+from ibot.utils.distributed import init_distributed_once, shutdown_distributed
+from ibot.eval.features import build_backbone, check_image_folder, eval_transform, image_folder, make_loader
+from ibot.eval.knn import knn_classifier, run_knn
+from ibot.utils.misc import bool_flag, fix_random_seeds, print_run_header
+from ibot.eval.weights import load_pretrained_weights
 
 __all__ = ["get_args_parser", "main", "eval_knn_for_key", "build_knn_loaders", "knn_for_checkpoint",
            "compare_trained_vs_random", "knn_classifier", "run_knn", "FEATURE_FILES"]

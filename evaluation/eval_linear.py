@@ -21,7 +21,7 @@ Differences from the official script: CPU runs work (gloo / no process group); `
 defaults to the number of class folders; ``--resize_size`` / ``--crop_size`` (256 / 224 officially
 hard-coded) for small images; the val set is sharded across ranks (sums are all-reduced, each image
 counted once); the process group is initialised once for a comma list of keys; data folders are
-checked before any work; weights are loaded strictly (see ``ibot.pretrained``).
+checked before any work; weights are loaded strictly (see ``ibot.eval.weights``).
 """
 import argparse
 import copy
@@ -38,13 +38,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from ibot.checkpoint import atomic_save, safe_load
-from ibot.distributed import init_distributed_once, shutdown_distributed
-from ibot.features import (build_backbone, check_image_folder, dist_ready, eval_transform, feature_dim,
+from ibot.utils.checkpoint import atomic_save, safe_load
+from ibot.utils.distributed import init_distributed_once, shutdown_distributed
+from ibot.eval.features import (build_backbone, check_image_folder, dist_ready, eval_transform, feature_dim,
                            frozen_features, image_folder, make_loader, train_transform)
-from ibot.misc import bool_flag, fix_random_seeds, print_run_header
-from ibot.optim import LARS
-from ibot.pretrained import load_pretrained_weights
+from ibot.utils.misc import bool_flag, fix_random_seeds, print_run_header
+from ibot.train.optim import LARS
+from ibot.eval.weights import load_pretrained_weights
 
 __all__ = ["LinearClassifier", "LARS", "HeadSpec", "build_linear_heads", "get_args_parser", "main", "run_linear",
            "build_linear_data", "train_one_epoch", "validate"]

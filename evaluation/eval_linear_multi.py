@@ -28,7 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from evaluation.eval_linear import HeadSpec, get_args_parser as _parser, run_linear, setup  # noqa: E402
-from ibot.distributed import shutdown_distributed  # noqa: E402
+from ibot.utils.distributed import shutdown_distributed  # noqa: E402
 
 __all__ = ["lr_grid", "head_specs", "get_args_parser", "main"]
 

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from evaluation.eval_knn import ARCHS, FEATURE_FILES, _dump_dir, _load_features, build_knn_loaders
-from ibot.distributed import init_distributed_once, shutdown_distributed
-from ibot.features import build_backbone, check_image_folder, dist_ready, extract_features
-from ibot.misc import bool_flag, fix_random_seeds, print_run_header
-from ibot.pretrained import load_pretrained_weights
+from ibot.utils.distributed import init_distributed_once, shutdown_distributed
+from ibot.eval.features import build_backbone, check_image_folder, dist_ready, extract_features
+from ibot.utils.misc import bool_flag, fix_random_seeds, print_run_header
+from ibot.eval.weights import load_pretrained_weights
 
 __all__ = ["get_args_parser", "main", "fit_logistic_regression"]
 

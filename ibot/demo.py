@@ -61,7 +61,7 @@ def prepare(data_dir, output_dir, per_class_train=PER_CLASS_TRAIN, per_class_val
     """Build the Fashion-MNIST folder unless ``data_dir`` already has train/ and val/ (then it is used as
     it is); record the start time. Returns the builder's report (``{'built': False}`` when skipped)."""
     start = time.time()
-    from .fmnist import build_fmnist_folder
+    from ibot.data.fmnist import build_fmnist_folder
     os.makedirs(output_dir, exist_ok=True)
     if all(os.path.isdir(os.path.join(data_dir, split)) for split in ("train", "val")):
         res = {"built": False}  # an existing labelled folder is used as it is
@@ -123,7 +123,7 @@ def report(data_dir, output_dir, k=20):
     import torch
 
     from evaluation.eval_knn import knn_for_checkpoint
-    from .checkpoint import safe_load
+    from ibot.utils.checkpoint import safe_load
 
     records = read_log(output_dir)
     ckpt = safe_load(os.path.join(output_dir, "checkpoint.pth"))

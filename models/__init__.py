@@ -1,8 +1,7 @@
-"""Backbones and heads under their official names (``models.__dict__[args.arch]`` lookups work)."""
-from .head import DINOHead, iBOTHead
-from .swin_transformer import SwinTransformer, check_swin_args, swin_base, swin_large, swin_small, swin_tiny
-from .vision_transformer import VisionTransformer, vit_base, vit_large, vit_small, vit_tiny
+"""Official ``models`` package: a door onto :mod:`ibot.models` (``models.vit_small``,
+``models.__dict__[args.arch]``, ``models.vision_transformer.VisionTransformer`` and
+``models.head.iBOTHead`` keep working for scripts written for the official repository)."""
+from ibot.models import *  # noqa: F401,F403
+from ibot.models import __all__  # noqa: F401
 
-__all__ = ["VisionTransformer", "vit_tiny", "vit_small", "vit_base", "vit_large",
-           "SwinTransformer", "swin_tiny", "swin_small", "swin_base", "swin_large",
-           "DINOHead", "iBOTHead", "check_swin_args"]
+from . import head, swin_transformer, vision_transformer  # noqa: F401,E402

@@ -1,18 +1,11 @@
 """Shared test set-up: small Fashion-MNIST folders built once per session from the Debian package."""
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="session")
 def fmnist_small(tmp_path_factory):
     """Fashion-MNIST 32-px ImageFolder: 30 train + 10 val images per class (300 / 100)."""
-    from ibot.fmnist import build_fmnist_folder
+    from ibot.data.fmnist import build_fmnist_folder
     root = tmp_path_factory.mktemp("fmnist32")
     build_fmnist_folder(str(root), size=32, per_class_train=30, per_class_val=10)
     return root

@@ -12,14 +12,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ibot.cli import get_args_parser  # noqa: E402
-from ibot.distributed import (all_reduce_sum, get_rank, get_world_size, init_distributed_mode,  # noqa: E402
+from ibot.train.flags import get_args_parser  # noqa: E402
+from ibot.utils.distributed import (all_reduce_sum, get_rank, get_world_size, init_distributed_mode,  # noqa: E402
                               shutdown_distributed)
-from ibot.masking import MaskGenerator  # noqa: E402
-from ibot.misc import fix_random_seeds  # noqa: E402
-from ibot.optim import common_parameters  # noqa: E402
-from ibot.pretrain import build_networks, build_optimization, wrap_and_init_teacher  # noqa: E402
-from ibot.train import train_step, unwrap  # noqa: E402
+from ibot.data.masking import MaskGenerator  # noqa: E402
+from ibot.utils.misc import fix_random_seeds  # noqa: E402
+from ibot.train.optim import common_parameters  # noqa: E402
+from ibot.train.driver import build_networks, build_optimization, wrap_and_init_teacher  # noqa: E402
+from ibot.train.step import train_step, unwrap  # noqa: E402
 
 GLOBAL_BATCH = 8
 

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import models
-from ibot.visualize import mass_threshold_mask
-from ibot.wrapper import MultiCropWrapper
+from ibot.viz.drawing import mass_threshold_mask
+from ibot.models.wrapper import MultiCropWrapper
 
 pytestmark = [pytest.mark.filterwarnings(f"error::{w}:(analysis|ibot)")
               for w in ("DeprecationWarning", "FutureWarning", "UserWarning")]
@@ -22,7 +22,7 @@ COMMON = ["--arch", "vit_tiny", "--patch_size", "8"]
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Fashion-MNIST 32-px folder (2 train / 1 val image per class) and checkpoints of a ViT-Tiny/8."""
-    from ibot.fmnist import build_fmnist_folder
+    from ibot.data.fmnist import build_fmnist_folder
     root = tmp_path_factory.mktemp("analysis")
     if not os.path.isdir(FMNIST_SRC):
         pytest.skip("Fashion-MNIST package not installed")
@@ -181,8 +181,8 @@ def test_extract_topk_cluster(assets, tmp_path, key):
             assert _size(f) == (2 * cell + 2, 2 * cell + 2)
         # the bank agrees with a direct forward of the first image (consistent (image, label, index) order)
         from torchvision import transforms
-        from ibot.features import image_folder
-        from ibot.visualize import IMAGENET_MEAN, IMAGENET_STD
+        from ibot.eval.features import image_folder
+        from ibot.viz.drawing import IMAGENET_MEAN, IMAGENET_STD
         tf = transforms.Compose([transforms.Resize(36, interpolation=transforms.InterpolationMode.BICUBIC),
                                  transforms.CenterCrop(32), transforms.ToTensor(),
                                  transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 import loader
-from ibot.augment import DataAugmentationiBOT, GaussianBlur, Solarization, color_jitter
-from ibot.data import BadImageError, ImageFolderInstance, ImageFolderMask, rgb_loader
-from ibot.fmnist import CLASS_DIRS, DEFAULT_SRC, build_fmnist_folder, load_split
+from ibot.data.augment import DataAugmentationiBOT, GaussianBlur, Solarization, color_jitter
+from ibot.data.folders import BadImageError, ImageFolderInstance, ImageFolderMask, rgb_loader
+from ibot.data.fmnist import CLASS_DIRS, DEFAULT_SRC, build_fmnist_folder, load_split
 
 MASK_KW = dict(patch_size=4, pred_ratio=[0.0, 0.3], pred_ratio_var=[0.0, 0.2],
                pred_aspect_ratio=(0.3, 1 / 0.3), pred_shape="block")
@@ -227,7 +227,7 @@ def test_corrupt_image_error_and_skip(class_folder, caplog):
     assert str(bad) in str(e.value)
     ds = ImageFolderMask(class_folder, transform=_aug(2, 1), skip_bad_images=True, seed=0,
                          **MASK_KW)
-    with caplog.at_level(logging.WARNING, logger="ibot.data"):
+    with caplog.at_level(logging.WARNING, logger="ibot.data.folders"):
         crops, target, masks = ds[idx]
         again = ds[idx]
     assert len(crops) == 3 and len(masks) == 3 and target == 1  # replaced by the next sample

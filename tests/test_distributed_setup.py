@@ -4,7 +4,7 @@ import argparse
 import pytest
 import torch
 
-from ibot import distributed
+from ibot.utils import distributed
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from ibot.cluster_metrics import eval_pred, hungarian_accuracy
+from ibot.eval.cluster_metrics import eval_pred, hungarian_accuracy
 from official_fixtures import FIXTURES
 
 FIX = str(FIXTURES / "clustering.json")

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from ibot.knn import knn_classifier
+from ibot.eval.knn import knn_classifier
 from official_fixtures import FIXTURES
 
 FIX = str(FIXTURES / "knn.pt")
@@ -43,7 +43,7 @@ def test_knn_small_sets_and_cap():
 
 @pytest.fixture(scope="module")
 def fmnist_tiny(tmp_path_factory):
-    from ibot.fmnist import DEFAULT_SRC, build_fmnist_folder
+    from ibot.data.fmnist import DEFAULT_SRC, build_fmnist_folder
     if not os.path.isfile(os.path.join(DEFAULT_SRC, "train-images-idx3-ubyte.gz")):
         pytest.skip("Fashion-MNIST not installed")
     out = tmp_path_factory.mktemp("fmnist")
@@ -62,7 +62,7 @@ def _args(data_path, *extra):
 @pytest.mark.slow
 def test_eval_knn_main_end_to_end(fmnist_tiny, capsys, tmp_path):
     from evaluation.eval_knn import main
-    from ibot.features import build_backbone, eval_transform, extract_features, image_folder, make_loader
+    from ibot.eval.features import build_backbone, eval_transform, extract_features, image_folder, make_loader
 
     results = main(_args(fmnist_tiny, "--dump_features", str(tmp_path / "dump")))["teacher"]
     out = capsys.readouterr().out
@@ -75,7 +75,7 @@ def test_eval_knn_main_end_to_end(fmnist_tiny, capsys, tmp_path):
 
     # the returned value is the k-NN accuracy of the random-init backbone (same seed)
     torch.manual_seed(0)
-    from ibot.misc import fix_random_seeds
+    from ibot.utils.misc import fix_random_seeds
     fix_random_seeds(0)
     model = build_backbone("vit_tiny", 8, img_size=32)
     tf = eval_transform(32, 32)
@@ -106,9 +106,9 @@ def test_eval_knn_errors(tmp_path):
 
 def test_swin_frozen_features_and_loading(tmp_path):
     """Swin: §1.4 features on get_intermediate_layers (token 0 = pooled) and checkpoint loading."""
-    from ibot.features import feature_dim, frozen_features
-    from ibot.pretrained import load_pretrained_weights
-    from models.swin_transformer import SwinTransformer
+    from ibot.eval.features import feature_dim, frozen_features
+    from ibot.eval.weights import load_pretrained_weights
+    from ibot.models.swin_transformer import SwinTransformer
     d = torch.load(str(FIXTURES / "swin_small_config.pt"), weights_only=True)
     cfg = {k: v for k, v in d["config"].items() if k not in ("return_all_tokens", "masked_im_modeling")}
     model = SwinTransformer(num_classes=0, **cfg).eval()

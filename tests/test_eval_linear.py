@@ -12,7 +12,7 @@ OFFICIAL = os.path.join(FIX, "official_checkpoint.pth")
 
 @pytest.fixture(scope="module")
 def fmnist_mini(tmp_path_factory):
-    from ibot.fmnist import DEFAULT_SRC, build_fmnist_folder
+    from ibot.data.fmnist import DEFAULT_SRC, build_fmnist_folder
     if not os.path.isfile(os.path.join(DEFAULT_SRC, "train-images-idx3-ubyte.gz")):
         pytest.skip("Fashion-MNIST not installed")
     out = tmp_path_factory.mktemp("fmnist_mini")
@@ -60,7 +60,7 @@ def test_lars_excludes_biases():
 @pytest.mark.slow
 def test_linear_multi_and_single_end_to_end(fmnist_mini, tmp_path):
     from evaluation import eval_linear, eval_linear_multi
-    from ibot.checkpoint import safe_load
+    from ibot.utils.checkpoint import safe_load
 
     args = eval_linear_multi.get_args_parser().parse_args(
         _common(fmnist_mini, tmp_path / "multi", "--epochs", "2", "--n_last_blocks", "2", "--avgpool_patchtokens", "2"))
@@ -115,8 +115,8 @@ def test_logistic_regression_on_fixture_features(tmp_path):
 @pytest.mark.parametrize("key", ["teacher", "student"])
 def test_unsup_cls_loads_both_prefixes(fmnist_mini, monkeypatch, key):
     from evaluation.unsupervised import unsup_cls
-    from models.vision_transformer import VisionTransformer
-    assert unsup_cls.eval_pred is __import__("ibot.cluster_metrics", fromlist=["eval_pred"]).eval_pred
+    from ibot.models.vision_transformer import VisionTransformer
+    assert unsup_cls.eval_pred is __import__("ibot.eval.cluster_metrics", fromlist=["eval_pred"]).eval_pred
 
     def tiny(*a, **k):
         return VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, qkv_bias=True).eval()

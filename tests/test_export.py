@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from ibot.checkpoint import safe_load
-from ibot.export import ExportError, export_timm, timm_config, to_timm_state_dict
+from ibot.utils.checkpoint import safe_load
+from ibot.eval.export import ExportError, export_timm, timm_config, to_timm_state_dict
 from official_fixtures import FIXTURES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,9 +60,9 @@ def test_extract_errors(tmp_path):
 
 @pytest.mark.parametrize("key", ["teacher", "student"])
 def test_timm_export_round_trip(tmp_path, key):
-    from ibot.pretrained import load_pretrained_weights
-    from models.vision_transformer import VisionTransformer
-    from ibot.export import create_timm_model
+    from ibot.eval.weights import load_pretrained_weights
+    from ibot.models.vision_transformer import VisionTransformer
+    from ibot.eval.export import create_timm_model
 
     out = tmp_path / "timm.pth"
     _run("extract_backbone_weights.py", [OFFICIAL, str(out), "--checkpoint_key", key, "--format", "timm",
@@ -83,7 +83,7 @@ def test_timm_export_round_trip(tmp_path, key):
 
 def test_timm_standard_name_strict_load():
     """A standard vit_tiny/16 backbone maps to timm's registry name and loads strictly."""
-    from models.vision_transformer import vit_tiny
+    from ibot.models.vision_transformer import vit_tiny
     import timm
     ours = vit_tiny(patch_size=16, masked_im_modeling=True).eval()
     sd = {"module.backbone." + k: v for k, v in ours.state_dict().items()}

@@ -26,14 +26,14 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import ibot.train as train_mod
-from ibot import pretrain
-from ibot.cli import get_args_parser
-from ibot.loss import iBOTLoss, masked_token_weights
-from ibot.masking import MaskGenerator
-from ibot.optim import (build_optimizer, clip_gradients, clip_gradients_foreach, common_parameters,
+import ibot.train.step as train_mod
+from ibot.train import driver as pretrain
+from ibot.train.flags import get_args_parser
+from ibot.train.loss import iBOTLoss, masked_token_weights
+from ibot.data.masking import MaskGenerator
+from ibot.train.optim import (build_optimizer, clip_gradients, clip_gradients_foreach, common_parameters,
                         ema_update, ema_update_loop, get_params_groups)
-from ibot.train import autocast_context, forward_fast, forward_reference, train_step, unwrap
+from ibot.train.step import autocast_context, forward_fast, forward_reference, train_step, unwrap
 from tiny_models import register_tiny_arch, tiny_vit
 
 B = 4          # images per crop
@@ -47,7 +47,7 @@ def vit_test(patch_size=8, **kwargs):
 
 @pytest.fixture(autouse=True)
 def _tiny_arch(monkeypatch):
-    yield from register_tiny_arch(monkeypatch, "vit_test", vit_test)
+    yield from register_tiny_arch("vit_test", vit_test)
 
 
 def make_args(*flags, train_step="fast", precision="fp32", single_pass=False):

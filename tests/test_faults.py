@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import main_ibot
-from ibot import checkpoint as ckpt_mod
-from ibot.checkpoint import CheckpointWriteError, UnsafeCheckpointError, atomic_save, safe_load
-from ibot.faults import ResumableSampler, StopOnSignal, capture_rng_state, restore_rng_state
+from ibot.utils import checkpoint as ckpt_mod
+from ibot.utils.checkpoint import CheckpointWriteError, UnsafeCheckpointError, atomic_save, safe_load
+from ibot.train.faults import ResumableSampler, StopOnSignal, capture_rng_state, restore_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_KEYS = {"student", "teacher", "optimizer", "epoch", "args", "ibot_loss"}
@@ -86,7 +86,7 @@ def _all_finite(ck):
 @pytest.fixture(scope="module")
 def fm(tmp_path_factory):
     """40 training images (2 iterations per epoch) and 16 (1 iteration, every image used)."""
-    from ibot.fmnist import build_fmnist_folder
+    from ibot.data.fmnist import build_fmnist_folder
     root = tmp_path_factory.mktemp("fmnist_faults")
     build_fmnist_folder(str(root), size=32, per_class_train=4, per_class_val=1)
     small = root / "small"
@@ -181,19 +181,19 @@ def test_stale_temp_files_removed(tmp_path):
 
 
 def test_every_torch_load_goes_through_safe_load():
-    """Outside the tests, only ibot/checkpoint.py may call torch.load (with weights_only=True)."""
+    """Outside the tests, only ibot/utils/checkpoint.py may call torch.load (with weights_only=True)."""
     offenders = []
     # the repository's own files only (not a virtual environment or data inside the checkout)
     tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=REPO,
                              capture_output=True, text=True, check=True).stdout.split()
     assert "main_ibot.py" in tracked
     for rel in tracked:
-        if rel.startswith("tests/") or rel == "ibot/checkpoint.py":
+        if rel.startswith("tests/") or rel == "ibot/utils/checkpoint.py":
             continue
         text = (REPO / rel).read_text(errors="replace")
         if re.search(r"(?<!`)(torch\.load|pickle\.loads?)\s*\(", text):  # ``...`` = prose
             offenders.append(rel)
-    assert not offenders, f"torch.load/pickle.load outside ibot.checkpoint.safe_load: {offenders}"
+    assert not offenders, f"torch.load/pickle.load outside ibot.utils.checkpoint.safe_load: {offenders}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def test_unsafe_checkpoint_refused_by_resume(tmp_path, capsys, fm, evil_checkpoi
 
 def test_unsafe_checkpoint_refused_by_evaluation_and_extraction(tmp_path, evil_checkpoint):
     import models
-    from ibot.pretrained import load_pretrained_weights
+    from ibot.eval.weights import load_pretrained_weights
     path, marker = evil_checkpoint
     with pytest.raises(UnsafeCheckpointError, match="refusing"):
         load_pretrained_weights(models.vit_tiny(patch_size=8), str(path), "teacher")

@@ -16,10 +16,10 @@ from evaluation import eval_cls
 from evaluation.classification_layer_decay import modeling_finetune, run_class_finetuning
 from evaluation.classification_layer_decay.optim_factory import create_optimizer, get_num_layer_for_vit
 from evaluation.semi_supervised import eval_cls as semi_eval_cls
-from ibot.checkpoint import safe_load
-from ibot.finetune import (GradScalerWithNorm, RASampler, cosine_scheduler, epoch_cosine_value,
+from ibot.utils.checkpoint import safe_load
+from ibot.eval.finetune import (GradScalerWithNorm, RASampler, cosine_scheduler, epoch_cosine_value,
                            get_layer_id_for_swin, get_layer_id_for_vit, param_groups_layer_decay, train_one_epoch)
-from models.head import iBOTHead
+from ibot.models.head import iBOTHead
 
 
 @pytest.fixture(autouse=True)

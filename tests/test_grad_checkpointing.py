@@ -25,14 +25,14 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-import models.swin_transformer as swin_mod
-import models.vision_transformer as vit_mod
-from ibot import pretrain
-from ibot.cli import get_args_parser
-from ibot.masking import MaskGenerator
-from ibot.optim import build_optimizer, common_parameters, get_params_groups
-from ibot.train import train_step, unwrap
-from models.swin_transformer import SwinTransformer
+import ibot.models.swin_transformer as swin_mod
+import ibot.models.vision_transformer as vit_mod
+from ibot.train import driver as pretrain
+from ibot.train.flags import get_args_parser
+from ibot.data.masking import MaskGenerator
+from ibot.train.optim import build_optimizer, common_parameters, get_params_groups
+from ibot.train.step import train_step, unwrap
+from ibot.models.swin_transformer import SwinTransformer
 from tiny_models import register_tiny_arch, tiny_vit
 
 B = 4          # images per crop
@@ -46,7 +46,7 @@ def vit_ckpt_test(patch_size=8, **kwargs):
 
 @pytest.fixture(autouse=True)
 def _tiny_arch(monkeypatch):
-    yield from register_tiny_arch(monkeypatch, "vit_ckpt_test", vit_ckpt_test)
+    yield from register_tiny_arch("vit_ckpt_test", vit_ckpt_test)
 
 
 def make_args(*flags, train_step="fast"):

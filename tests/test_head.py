@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ibot.checkpoint import safe_load
-from models.head import DINOHead, iBOTHead, official_param_name
+from ibot.utils.checkpoint import safe_load
+from ibot.models.head import DINOHead, iBOTHead, official_param_name
 from official_fixtures import FIXTURES
 
 FIX = FIXTURES
@@ -65,7 +65,7 @@ def test_official_checkpoint_heads_load():
                              if k.startswith(pre)}, strict=True)
     # the official AdamW state is positional over the trainable student parameters, in
     # named_parameters order, split into (regularised: ndim > 1 and not bias, then the others)
-    from models.vision_transformer import VisionTransformer
+    from ibot.models.vision_transformer import VisionTransformer
     backbone = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
                                  qkv_bias=True, masked_im_modeling=True)
     named = [("backbone." + n, p) for n, p in backbone.named_parameters()] + \

@@ -18,7 +18,7 @@ TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", 
 
 def _train(argv):
     from main_ibot import get_args_parser
-    from ibot.pretrain import train_ibot
+    from ibot.train.driver import train_ibot
     import argparse
     args = argparse.ArgumentParser(parents=[get_args_parser()]).parse_args(argv)
     return train_ibot(args)
@@ -57,8 +57,8 @@ def test_eval_every_schedule_and_flags(fmnist_small, tmp_path):
     built); --eval_every without a labelled folder is refused before training."""
     import argparse
     from main_ibot import get_args_parser
-    from ibot.cli import check_args
-    from ibot.periodic_eval import should_evaluate
+    from ibot.train.flags import check_args
+    from ibot.train.periodic_eval import should_evaluate
     parse = argparse.ArgumentParser(parents=[get_args_parser()]).parse_args
     base = TINY + ["--data_path", os.path.join(str(fmnist_small), "train"), "--output_dir", str(tmp_path)]
     args = parse(base + ["--epochs", "5"])
@@ -98,7 +98,7 @@ def test_fmnist_demo_writes_curve_and_summary(fmnist_small, tmp_path):
 @pytest.fixture(scope="module")
 def fmnist_300(tmp_path_factory):
     """32-px Fashion-MNIST, 300 train / 100 val images per class (the calibration set)."""
-    from ibot.fmnist import build_fmnist_folder
+    from ibot.data.fmnist import build_fmnist_folder
     root = tmp_path_factory.mktemp("fmnist300")
     build_fmnist_folder(str(root), size=32, per_class_train=300, per_class_val=100)
     return str(root)

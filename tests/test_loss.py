@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ibot.loss import iBOTLoss, masked_token_weights, teacher_temperature_schedules
+from ibot.train.loss import iBOTLoss, masked_token_weights, teacher_temperature_schedules
 from official_fixtures import fixture_path
 
 CASES = torch.load(fixture_path("loss_cases.pt"), weights_only=True)
@@ -88,7 +88,7 @@ def test_needs_two_global_crops():
 def test_koleo_loss_value_and_direction():
     """KoLeoLoss = mean over rows of -log(distance to the nearest other row) of L2-normalised rows
     (DINOv2); it is larger for concentrated features and its gradient spreads them."""
-    from ibot.loss import KoLeoLoss
+    from ibot.train.loss import KoLeoLoss
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 8, generator=g)
     xn = torch.nn.functional.normalize(x, dim=1)

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from ibot.masking import (MaskGenerator, block_mask, check_mask_args, normalize_ratio_args,
+from ibot.data.masking import (MaskGenerator, block_mask, check_mask_args, normalize_ratio_args,
                           rand_mask, sample_pred_ratio)
 from official_fixtures import fixture_path
 

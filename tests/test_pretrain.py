@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import main_ibot
-from ibot.checkpoint import restart_from_checkpoint, safe_load
-from ibot.cli import get_args_parser
-from ibot.optim import common_parameters
-from ibot.pretrain import build_networks, build_optimization, checkpoint_dict, wrap_and_init_teacher
-from ibot.train import train_step, unwrap
+from ibot.utils.checkpoint import restart_from_checkpoint, safe_load
+from ibot.train.flags import get_args_parser
+from ibot.train.optim import common_parameters
+from ibot.train.driver import build_networks, build_optimization, checkpoint_dict, wrap_and_init_teacher
+from ibot.train.step import train_step, unwrap
 from official_fixtures import fixture_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,9 +108,9 @@ def test_our_checkpoint_resumes_to_the_same_state(trained_run):
 
 def _official_small_networks():
     """The 2-block ViT (img 32, patch 8, dim 48, 3 heads) + shared heads of official_checkpoint.pth."""
-    from models.head import iBOTHead
-    from models.vision_transformer import VisionTransformer
-    from ibot.wrapper import MultiCropWrapper
+    from ibot.models.head import iBOTHead
+    from ibot.models.vision_transformer import VisionTransformer
+    from ibot.models.wrapper import MultiCropWrapper
 
     def vit(**kw):
         return VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, qkv_bias=True,
@@ -296,8 +296,8 @@ def test_swin_tiny_short_epoch_with_masking(tmp_path, fmnist_small):
                            str(backbone_file), "--checkpoint_key", "teacher"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    from ibot.features import build_backbone
-    from ibot.pretrained import load_pretrained_weights
+    from ibot.eval.features import build_backbone
+    from ibot.eval.weights import load_pretrained_weights
     model = build_backbone("swin_tiny", 4, 7, 0)  # official 224-px shapes, as pre-training builds it
     load_pretrained_weights(model, str(backbone_file), "teacher", "swin_tiny", 4)
     assert torch.equal(model.state_dict()["norm.weight"], ckpt["teacher"]["backbone.norm.weight"])

@@ -6,8 +6,8 @@ import pickle
 import pytest
 import torch
 
-from ibot.checkpoint import UnsafeCheckpointError
-from ibot.pretrained import (PretrainedWeightsError, backbone_state_dict, load_pretrained_weights,
+from ibot.utils.checkpoint import UnsafeCheckpointError
+from ibot.eval.weights import (PretrainedWeightsError, backbone_state_dict, load_pretrained_weights,
                              strip_prefixes)
 from official_fixtures import FIXTURES
 
@@ -16,14 +16,14 @@ OFFICIAL = os.path.join(FIX, "official_checkpoint.pth")
 
 
 def tiny_vit(**kw):
-    from models.vision_transformer import VisionTransformer
+    from ibot.models.vision_transformer import VisionTransformer
     args = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, qkv_bias=True)
     args.update(kw)
     return VisionTransformer(**args).eval()
 
 
 def _official():
-    from ibot.checkpoint import safe_load
+    from ibot.utils.checkpoint import safe_load
     return safe_load(OFFICIAL)
 
 
@@ -128,7 +128,7 @@ def test_missing_file_and_download_keyword(tmp_path):
 def test_empty_path_random_init_is_logged(caplog):
     model = tiny_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with caplog.at_level(logging.WARNING, logger="ibot.pretrained"):
+    with caplog.at_level(logging.WARNING, logger="ibot.eval.weights"):
         report = load_pretrained_weights(model, "", "teacher", "vit_tiny", 8)
     assert report == {"random_init": True}
     assert any("RANDOM initialisation" in r.getMessage() for r in caplog.records)

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from ibot.schedules import cosine_scheduler
+from ibot.train.schedules import cosine_scheduler
 from official_fixtures import fixture_path
 
 SETTINGS = json.loads(fixture_path("schedules.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models.swin_transformer import (
+from ibot.models.swin_transformer import (
     SwinTransformer,
     check_swin_args,
     shifted_window_mask,

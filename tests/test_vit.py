@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ibot.checkpoint import safe_load
-from models.vision_transformer import VisionTransformer, vit_base, vit_small, vit_tiny, vit_large
+from ibot.utils.checkpoint import safe_load
+from ibot.models.vision_transformer import VisionTransformer, vit_base, vit_small, vit_tiny, vit_large
 from official_fixtures import FIXTURES
 
 FIX = FIXTURES

@@ -1,11 +1,11 @@
-"""Tiny networks for step-level tests, registered in ``models`` under a test-only name."""
+"""Tiny networks for step-level tests, registered in the architecture registry under a test-only name."""
 from functools import partial
 
 import torch
 import torch.nn as nn
 
-import models
-from models.vision_transformer import VisionTransformer
+from ibot.models import register_model, unregister_model
+from ibot.models.vision_transformer import VisionTransformer
 
 
 def tiny_vit(depth=2, patch_size=8, **kwargs):
@@ -14,11 +14,15 @@ def tiny_vit(depth=2, patch_size=8, **kwargs):
                              qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
 
 
-def register_tiny_arch(monkeypatch, name, factory):
-    """Make ``--arch name`` build ``factory`` for the duration of a test, with one torch thread (tiny
-    models run faster on one, and are robust on a shared machine). A generator: yield from it in a fixture."""
-    monkeypatch.setattr(models, name, factory, raising=False)
+def register_tiny_arch(name, factory):
+    """Make ``--arch name`` build ``factory`` for the duration of a test (through the registry), with one
+    torch thread (tiny models run faster on one, and are robust on a shared machine). A generator: yield
+    from it in a fixture."""
+    register_model(factory, name=name)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        unregister_model(name)

@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ibot.fmnist import DEFAULT_SRC, build_fmnist_folder  # noqa: E402
+from ibot.data.fmnist import DEFAULT_SRC, build_fmnist_folder  # noqa: E402
 
 
 def main(argv=None):

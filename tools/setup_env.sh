@@ -16,4 +16,11 @@ if ! "$VENV/bin/python" -c "import torch, torchvision, timm, sklearn, tensorboar
     echo "Installing the locked dependencies into $VENV (about a minute)..."
     "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-lock.txt
 fi
+# the ibot package itself, editable: the scripts (python evaluation/eval_knn.py ...) import it from here
+PY_ABS=$(cd "$VENV/bin" && pwd)/python
+if ! (here=$(pwd) && cd / && "$PY_ABS" -c "import ibot, os, sys; sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(ibot.__file__))) != sys.argv[1])" "$here") 2>/dev/null; then
+    echo "Installing the ibot package (editable) into $VENV..."
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
+        || "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e .
+fi
 "$VENV/bin/python" -c "import torch, torchvision, timm; print(f'torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}')"

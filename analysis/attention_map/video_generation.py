@@ -33,7 +33,7 @@ from PIL import Image
 from torchvision import transforms
 
 from analysis.common import VIT_ARCHS, build_vit, list_images, load_rgb, pick_device
-from ibot.visualize import (IMAGENET_MEAN, IMAGENET_STD, cls_attention, colorize, crop_to_patch_multiple,
+from ibot.viz.drawing import (IMAGENET_MEAN, IMAGENET_STD, cls_attention, colorize, crop_to_patch_multiple,
                             mass_threshold_mask, save_image, upsample_nearest)
 
 __all__ = ["get_args_parser", "frame_attention", "extract_frames", "write_video", "main"]

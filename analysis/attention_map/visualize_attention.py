@@ -34,9 +34,9 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from analysis.common import VIT_ARCHS, build_vit, load_rgb, pick_device
-from ibot.features import image_folder
-from ibot.misc import fix_random_seeds
-from ibot.visualize import (IMAGENET_MEAN, IMAGENET_STD, attention_composite, cls_attention, colorize,
+from ibot.eval.features import image_folder
+from ibot.utils.misc import fix_random_seeds
+from ibot.viz.drawing import (IMAGENET_MEAN, IMAGENET_STD, attention_composite, cls_attention, colorize,
                             crop_to_patch_multiple, denormalize, hstack, mass_threshold_mask, save_image,
                             to_uint8, upsample_nearest)
 

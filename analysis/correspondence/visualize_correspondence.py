@@ -51,9 +51,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from analysis.common import VIT_ARCHS, build_vit, pick_device
-from ibot.features import image_folder
-from ibot.misc import bool_flag, fix_random_seeds
-from ibot.visualize import (IMAGENET_MEAN, IMAGENET_STD, cls_attention, colorize, denormalize,
+from ibot.eval.features import image_folder
+from ibot.utils.misc import bool_flag, fix_random_seeds
+from ibot.viz.drawing import (IMAGENET_MEAN, IMAGENET_STD, cls_attention, colorize, denormalize,
                             draw_correspondences, hstack, save_image, to_uint8, upsample_nearest)
 
 __all__ = ["get_args_parser", "SameClassBatchSampler", "TwoViewDataset", "patch_centres", "view_geometry",

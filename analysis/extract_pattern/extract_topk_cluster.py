@@ -54,12 +54,12 @@ from torchvision.transforms import InterpolationMode
 
 import models
 from analysis.common import VIT_ARCHS, pick_device
-from ibot.checkpoint import atomic_save, safe_load
-from ibot.features import image_folder
-from ibot.pretrained import PretrainedWeightsError, select_state_dict, strip_prefixes
-from ibot.visualize import IMAGENET_MEAN, IMAGENET_STD, image_grid, paste_box, patch_window_crop, save_image, \
+from ibot.utils.checkpoint import atomic_save, safe_load
+from ibot.eval.features import image_folder
+from ibot.eval.weights import PretrainedWeightsError, select_state_dict, strip_prefixes
+from ibot.viz.drawing import IMAGENET_MEAN, IMAGENET_STD, image_grid, paste_box, patch_window_crop, save_image, \
     to_uint8
-from ibot.wrapper import MultiCropWrapper
+from ibot.models.wrapper import MultiCropWrapper
 
 __all__ = ["get_args_parser", "build_model", "extract_memory_bank", "cluster_sizes", "select_patch_cluster",
            "select_cls_cluster", "main"]

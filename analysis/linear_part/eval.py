@@ -35,10 +35,10 @@ from torch import nn
 from evaluation.eval_linear import (LARS, build_linear_data, build_linear_heads, get_args_parser as _parser, setup,
                                     train_one_epoch, validate)
 from evaluation.eval_linear_multi import head_specs
-from ibot.checkpoint import atomic_save, safe_load
-from ibot.features import build_backbone, dist_ready
-from ibot.misc import bool_flag, fix_random_seeds
-from ibot.pretrained import load_pretrained_weights
+from ibot.utils.checkpoint import atomic_save, safe_load
+from ibot.eval.features import build_backbone, dist_ready
+from ibot.utils.misc import bool_flag, fix_random_seeds
+from ibot.eval.weights import load_pretrained_weights
 
 __all__ = ["PartFeatures", "get_args_parser", "run_part_linear", "main"]
 

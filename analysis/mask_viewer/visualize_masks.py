@@ -20,9 +20,9 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from ibot.augment import DataAugmentationiBOT
-from ibot.data import ImageFolderMask
-from ibot.visualize import denormalize, image_grid, overlay_patch_mask, save_image, to_uint8
+from ibot.data.augment import DataAugmentationiBOT
+from ibot.data.folders import ImageFolderMask
+from ibot.viz.drawing import denormalize, image_grid, overlay_patch_mask, save_image, to_uint8
 
 __all__ = ["get_args_parser", "draw_batch", "main"]
 

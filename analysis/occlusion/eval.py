@@ -48,9 +48,9 @@ from torchvision.transforms import InterpolationMode
 
 from analysis import imagenet_models
 from analysis.common import VIT_ARCHS, build_vit, pick_device
-from ibot.features import image_folder
-from ibot.misc import bool_flag, fix_random_seeds
-from ibot.visualize import (IMAGENET_MEAN, IMAGENET_STD, cls_attention, denormalize, image_grid,
+from ibot.eval.features import image_folder
+from ibot.utils.misc import bool_flag, fix_random_seeds
+from ibot.viz.drawing import (IMAGENET_MEAN, IMAGENET_STD, cls_attention, denormalize, image_grid,
                             mass_threshold_mask, save_image, to_uint8, upsample_nearest)
 
 __all__ = ["get_args_parser", "random_cell_mask", "apply_pixel_mask", "shuffle_patches", "saliency_masks", "main"]

@@ -12,8 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from ibot.checkpoint import atomic_save  # noqa: E402
-from ibot.export import ExportError, extract_backbone, load_entry  # noqa: E402
+from ibot.utils.checkpoint import atomic_save  # noqa: E402
+from ibot.eval.export import ExportError, extract_backbone, load_entry  # noqa: E402
 
 
 def get_args_parser():

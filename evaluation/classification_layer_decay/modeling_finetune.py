@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 
-from ibot.checkpoint import safe_load
-from ibot.finetune import select_state_dict, strip_prefixes
-from models.init import trunc_normal_init
+from ibot.utils.checkpoint import safe_load
+from ibot.eval.finetune import select_state_dict, strip_prefixes
+from ibot.models.init import trunc_normal_init
 
 __all__ = ["VisionTransformer", "MODELS", "create_model", "load_finetune_checkpoint", "vit_tiny", "vit_small",
            "vit_base", "vit_large"]

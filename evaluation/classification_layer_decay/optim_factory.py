@@ -1,6 +1,6 @@
 """Optimiser with layer-wise lr decay (official ``optim_factory.py``, spec §2.5 "Layer decay").
 
-The layer-id rules and parameter grouping live in :mod:`ibot.finetune` (shared by all fine-tuning
+The layer-id rules and parameter grouping live in :mod:`ibot.eval.finetune` (shared by all fine-tuning
 scripts); this module keeps the official entry points ``get_num_layer_for_vit``,
 ``get_num_layer_for_swin``, ``LayerDecayValueAssigner``, ``get_parameter_groups`` and
 ``create_optimizer``.
@@ -11,7 +11,7 @@ our parameter groups. No DeepSpeed / apex fused optimisers.
 """
 import torch
 
-from ibot.finetune import (LayerDecayValueAssigner, get_layer_id_for_swin, get_layer_id_for_vit,
+from ibot.eval.finetune import (LayerDecayValueAssigner, get_layer_id_for_swin, get_layer_id_for_vit,
                            param_groups_layer_decay)
 
 __all__ = ["get_num_layer_for_vit", "get_num_layer_for_swin", "LayerDecayValueAssigner", "get_parameter_groups",

@@ -12,7 +12,7 @@ run.sh invocation (``imagenet_cls``)::
 Recipe: timm ``create_transform`` (RandomResizedCrop bicubic, flip, RandAugment
 ``rand-m9-mstd0.5-inc1``, RandomErasing 0.25 pixel mode), timm ``Mixup``/CutMix with label
 smoothing and ``SoftTargetCrossEntropy`` (else label-smoothing CE, else CE), AdamW with layer-wise
-lr decay groups (``ibot.finetune``), per-step linear warm-up from 0 + cosine to ``--min_lr``,
+lr decay groups (``ibot.eval.finetune``), per-step linear warm-up from 0 + cosine to ``--min_lr``,
 cosine weight-decay schedule, drop path, gradient accumulation (``--update_freq``), optional model
 EMA (``timm.utils.ModelEmaV3``), top-1/top-5 evaluation every epoch.
 
@@ -52,10 +52,10 @@ from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IM
                                  IMAGENET_INCEPTION_STD)
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from ibot import distributed as ibot_dist
-from ibot.finetune import (GradScalerWithNorm, barrier, build_finetune_transform, cosine_scheduler, evaluate,
+from ibot.utils import distributed as ibot_dist
+from ibot.eval.finetune import (GradScalerWithNorm, barrier, build_finetune_transform, cosine_scheduler, evaluate,
                            load_checkpoint_for_resume, save_checkpoint, save_json_log, train_one_epoch)
-from ibot.misc import fix_random_seeds, print_run_header
+from ibot.utils.misc import fix_random_seeds, print_run_header
 from evaluation.classification_layer_decay import modeling_finetune
 from evaluation.classification_layer_decay.optim_factory import create_optimizer
 

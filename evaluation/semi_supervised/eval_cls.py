@@ -44,11 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from evaluation import eval_cls
-from ibot.checkpoint import safe_load
-from ibot.distributed import shutdown_distributed
-from ibot.pretrained import load_pretrained_weights, select_state_dict, strip_prefixes
-from models.head import weight_norm_linear
-from models.init import trunc_normal_init
+from ibot.utils.checkpoint import safe_load
+from ibot.utils.distributed import shutdown_distributed
+from ibot.eval.weights import load_pretrained_weights, select_state_dict, strip_prefixes
+from ibot.models.head import weight_norm_linear
+from ibot.models.init import trunc_normal_init
 
 
 class ClassProjHead(nn.Module):

@@ -31,13 +31,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
-from ibot.checkpoint import safe_load
-from ibot.cluster_metrics import eval_pred
-from ibot.distributed import init_distributed_once, shutdown_distributed
-from ibot.features import (build_backbone, check_image_folder, dist_ready, eval_transform, image_folder,
+from ibot.utils.checkpoint import safe_load
+from ibot.eval.cluster_metrics import eval_pred
+from ibot.utils.distributed import init_distributed_once, shutdown_distributed
+from ibot.eval.features import (build_backbone, check_image_folder, dist_ready, eval_transform, image_folder,
                            make_loader)
-from ibot.misc import print_run_header
-from ibot.pretrained import PretrainedWeightsError, load_pretrained_weights, select_state_dict, strip_prefixes
+from ibot.utils.misc import print_run_header
+from ibot.eval.weights import PretrainedWeightsError, load_pretrained_weights, select_state_dict, strip_prefixes
 
 __all__ = ["eval_pred", "get_args_parser", "main", "load_head", "predict"]
 
@@ -121,7 +121,7 @@ def predict(backbone, head, loader, device):
 
 def main(args):
     """Score the head's argmax clustering on ``data_path/val``. Returns ``{"nmi", "ari", "fscore", "acc"}``."""
-    from models.head import DINOHead
+    from ibot.models.head import DINOHead
     init_distributed_once(args)
     print_run_header(args)
     val_dir = os.path.join(args.data_path, "val")

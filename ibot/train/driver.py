@@ -7,6 +7,7 @@ Launch (see README for the recipes)::
     torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --master_addr A --master_port 29500 main_ibot.py ...
 """
 import argparse
+from functools import partial
 import datetime
 import json
 import os
@@ -15,23 +16,23 @@ import time
 import torch
 import torch.nn as nn
 
-import models
-from models.head import iBOTHead
+import ibot.models as models
+from ibot.models.head import iBOTHead
 
-from . import distributed as dist_utils
-from .augment import DataAugmentationiBOT
-from .checkpoint import atomic_save, remove_stale_temp_files, restart_from_checkpoint
-from .cli import check_args
-from .data import BadImageError, ImageFolderMask
-from .faults import (ResumableSampler, StepBoundaryLoader, StopOnSignal, TrainingInterrupted, capture_rng_state,
+from ibot.utils import distributed as dist_utils
+from ibot.data.augment import DataAugmentationiBOT
+from ibot.utils.checkpoint import atomic_save, remove_stale_temp_files, restart_from_checkpoint
+from ibot.train.flags import check_args
+from ibot.data.folders import BadImageError, ImageFolderMask
+from ibot.train.faults import (ResumableSampler, StepBoundaryLoader, StopOnSignal, TrainingInterrupted, capture_rng_state,
                      restore_rng_state)
-from .loss import iBOTLoss
-from .misc import fix_random_seeds, print_run_header
-from .optim import build_optimizer, get_params_groups, has_batchnorms
-from .periodic_eval import PeriodicKNN, should_evaluate
-from .schedules import cosine_scheduler
-from .train import NonFiniteLossError, train_one_epoch, unwrap
-from .wrapper import MultiCropWrapper
+from ibot.train.loss import iBOTLoss
+from ibot.utils.misc import fix_random_seeds, print_run_header
+from ibot.train.optim import build_optimizer, get_params_groups, has_batchnorms
+from ibot.train.periodic_eval import PeriodicKNN, should_evaluate
+from ibot.train.schedules import cosine_scheduler
+from ibot.train.step import NonFiniteLossError, train_one_epoch, unwrap
+from ibot.models.wrapper import MultiCropWrapper
 
 
 class ConfigError(ValueError):
@@ -83,11 +84,10 @@ def build_data_loader(dataset, args):
 def build_networks(args):
     """Student and teacher ``MultiCropWrapper``s (official construction, section 1.3 of the spec);
     ``--grad_checkpointing`` switches activation checkpointing on in the student backbone."""
-    args.arch = args.arch.replace("deit", "vit")
-    if args.arch not in models.__dict__:
-        raise ConfigError(f"unknown --arch {args.arch!r}")
-    factory = models.__dict__[args.arch]
-    if "swin" in args.arch:
+    if not models.is_model(args.arch):
+        raise ConfigError(f"unknown --arch {args.arch!r}; registered: {', '.join(models.arch_choices())}")
+    factory = partial(models.create_model, models.resolve_name(args.arch))
+    if models.model_family(args.arch) == "swin":
         # Built for 224 px as the official code does, whatever --global_crops_size: Swin's window sizes
         # (and so its relative-position tables) follow the nominal resolution, and smaller crops are
         # padded to whole windows at run time; so checkpoints keep the official shapes.

@@ -14,8 +14,8 @@ import math
 import re
 
 
-from ibot.checkpoint import safe_load
-from ibot.pretrained import select_state_dict, strip_prefixes
+from ibot.utils.checkpoint import safe_load
+from ibot.eval.weights import select_state_dict, strip_prefixes
 
 __all__ = ["ExportError", "extract_backbone", "load_entry", "timm_config", "to_timm_state_dict",
            "create_timm_model", "export_timm"]

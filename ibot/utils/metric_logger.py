@@ -9,7 +9,7 @@ from collections import defaultdict, deque
 
 import torch
 
-from .distributed import all_reduce_sum, is_dist_avail_and_initialized
+from ibot.utils.distributed import all_reduce_sum, is_dist_avail_and_initialized
 
 
 def _to_float(value):

@@ -3,14 +3,13 @@ import argparse
 import math
 import os
 
-from models.swin_transformer import check_swin_args
+from ibot.models import arch_choices
+from ibot.models.swin_transformer import check_swin_args
 
-from .masking import check_mask_args
-from .misc import bool_flag
-from .periodic_eval import check_eval_args
+from ibot.data.masking import check_mask_args
+from ibot.utils.misc import bool_flag
+from ibot.train.periodic_eval import check_eval_args
 
-ARCHS = ["vit_tiny", "vit_small", "vit_base", "vit_large", "deit_tiny", "deit_small",
-         "swin_tiny", "swin_small", "swin_base", "swin_large"]
 
 
 def get_args_parser():
@@ -18,7 +17,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser("iBOT", add_help=False)
 
     # Model parameters
-    parser.add_argument("--arch", default="vit_small", type=str, choices=ARCHS,
+    parser.add_argument("--arch", default="vit_small", type=str, choices=arch_choices(aliases=True),
                         help="Name of the backbone; deit_* are aliases of vit_*.")
     parser.add_argument("--patch_size", default=16, type=int,
                         help="ViT patch size in pixels. For Swin it only sets the mask cell (8 × patch_size): use 4.")

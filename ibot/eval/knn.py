@@ -20,9 +20,9 @@ import logging
 
 import torch
 
-from ibot.features import extract_features
+from ibot.eval.features import extract_features
 
-logger = logging.getLogger("ibot.knn")
+logger = logging.getLogger("ibot.eval.knn")
 
 __all__ = ["knn_classifier", "run_knn", "num_classes_of"]
 

@@ -18,7 +18,7 @@ the official signature but is strict where the official helper was silent:
   :class:`PretrainedWeightsError` listing them (``allow_partial=True`` loads what matches and logs
   everything that was skipped at WARNING level);
 * an empty ``pretrained_weights`` keeps the random initialisation and logs a WARNING (logger
-  ``ibot.pretrained``) — no silent fallback for a path that does not exist, which is an error.
+  ``ibot.eval.weights``) — no silent fallback for a path that does not exist, which is an error.
 
 The ``download`` / ``supervised`` keywords of the official code fetch weights from the internet; this
 implementation never downloads, so they raise an error asking for a local file.
@@ -30,9 +30,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ibot.checkpoint import safe_load
+from ibot.utils.checkpoint import safe_load
 
-logger = logging.getLogger("ibot.pretrained")
+logger = logging.getLogger("ibot.eval.weights")
 
 __all__ = ["PretrainedWeightsError", "load_pretrained_weights", "select_state_dict",
            "strip_prefixes", "backbone_state_dict", "resize_pos_embed", "WRAPPER_KEYS"]

@@ -15,13 +15,13 @@ import sys
 
 import torch
 
-from .cluster_metrics import eval_pred
-from .distributed import concat_all_gather
-from .loss import KoLeoLoss, masked_token_weights
-from .metric_logger import MetricLogger
-from .optim import (cancel_gradients_last_layer, clip_gradients, clip_gradients_foreach, common_parameters,
+from ibot.eval.cluster_metrics import eval_pred
+from ibot.utils.distributed import concat_all_gather
+from ibot.train.loss import KoLeoLoss, masked_token_weights
+from ibot.utils.metric_logger import MetricLogger
+from ibot.train.optim import (cancel_gradients_last_layer, clip_gradients, clip_gradients_foreach, common_parameters,
                     ema_update, ema_update_loop)
-from .wrapper import unmasked
+from ibot.models.wrapper import unmasked
 
 
 class NonFiniteLossError(RuntimeError):

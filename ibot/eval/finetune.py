@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import distributed as ibot_dist
-from .checkpoint import atomic_save, safe_load
-from .metric_logger import MetricLogger, SmoothedValue
+from ibot.utils import distributed as ibot_dist
+from ibot.utils.checkpoint import atomic_save, safe_load
+from ibot.utils.metric_logger import MetricLogger, SmoothedValue
 
 __all__ = [
     "get_layer_id_for_vit", "get_layer_id_for_swin", "LayerDecayValueAssigner", "param_groups_layer_decay",

@@ -34,7 +34,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from .masking import DEFAULT_ASPECT_RATIO, MaskGenerator
+from ibot.data.masking import DEFAULT_ASPECT_RATIO, MaskGenerator
 
 __all__ = ["BadImageError", "rgb_loader", "ImageFolderInstance", "ImageFolderMask", "sample_seed"]
 
@@ -206,7 +206,7 @@ class ImageFolderMask(_ImageFolderBase):
       every crop, official). After default collation: list of ``(B, H, W)`` bool tensors.
 
     ``patch_size``: mask cell in pixels (the trainer passes ``8 * patch_size`` for Swin).
-    ``pred_ratio`` / ``pred_ratio_var``: scalars or lists (see :mod:`ibot.masking`; 1-element lists
+    ``pred_ratio`` / ``pred_ratio_var``: scalars or lists (see :mod:`ibot.data.masking`; 1-element lists
     collapse, a scalar var broadcasts). ``pred_aspect_ratio``: (min, max) block aspect ratio.
     ``pred_shape``: ``'block'`` or ``'rand'``. Masks are empty while ``epoch < pred_start_epoch``
     (only once :meth:`set_epoch` has been called, as official). ``seed``: see module docstring.

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from .faults import capture_rng_state, restore_rng_state
+from ibot.train.faults import capture_rng_state, restore_rng_state
 
 __all__ = ["PeriodicKNN", "should_evaluate", "knn_log_keys", "check_eval_args"]
 
@@ -89,7 +89,7 @@ class PeriodicKNN:
     def __call__(self, backbones):
         """``backbones``: ``{key: module}`` (unwrapped backbones). Returns the flat log entries plus
         ``knn_time`` (seconds)."""
-        from .knn import run_knn
+        from ibot.eval.knn import run_knn
         a = self.args
         state = capture_rng_state()
         start = time.time()

@@ -29,7 +29,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-logger = logging.getLogger("ibot.features")
+from ibot.models import arch_choices, create_backbone, is_model, model_family
+
+logger = logging.getLogger("ibot.eval.features")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,22 +54,8 @@ def unwrap(model):
     return model
 
 
-def _factory(arch):
-    """Look ``arch`` up in ``models`` (official names), then in its two sub-modules."""
-    import importlib
-    for name in ("models", "models.vision_transformer", "models.swin_transformer"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        factory = getattr(module, arch, None)
-        if callable(factory):
-            return factory
-    return None
-
-
 def build_backbone(arch, patch_size=16, window_size=7, avgpool_patchtokens=0, img_size=224, **kwargs):
-    """Build an evaluation backbone from ``models`` (no head; eval-time options of §1.4).
+    """Build an evaluation backbone from the registry (no head; eval-time options of §1.4).
 
     Args:
         arch: ``vit_tiny|vit_small|vit_base|vit_large`` or ``swin_tiny|swin_small|swin_base|swin_large``.
@@ -80,16 +68,13 @@ def build_backbone(arch, patch_size=16, window_size=7, avgpool_patchtokens=0, im
     Returns:
         the backbone ``nn.Module`` (random init), in eval mode with ``requires_grad`` off.
     """
-    factory = _factory(arch)
-    if factory is None or not callable(factory):
-        known = [n for n in ("vit_tiny", "vit_small", "vit_base", "vit_large", "swin_tiny", "swin_small",
-                             "swin_base", "swin_large") if _factory(n) is not None]
-        raise ValueError(f"unknown architecture {arch!r}; available: {known}")
-    if arch.startswith("swin"):
-        model = factory(window_size=window_size, num_classes=0, **kwargs)
+    if not is_model(arch):
+        raise ValueError(f"unknown architecture {arch!r}; available: {arch_choices()}")
+    if model_family(arch) == "swin":
+        model = create_backbone(arch, window_size=window_size, num_classes=0, **kwargs)
     else:
-        model = factory(patch_size=patch_size, num_classes=0, use_mean_pooling=avgpool_patchtokens == 1,
-                        img_size=img_size, **kwargs)
+        model = create_backbone(arch, patch_size=patch_size, img_size=img_size, num_classes=0,
+                                use_mean_pooling=avgpool_patchtokens == 1, **kwargs)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

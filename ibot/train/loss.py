@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .distributed import all_reduce_sum, get_world_size
+from ibot.utils.distributed import all_reduce_sum, get_world_size
 
 __all__ = ["teacher_temperature_schedules", "masked_token_weights", "iBOTLoss", "KoLeoLoss"]
 

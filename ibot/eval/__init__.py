@@ -1,0 +1,1 @@
+"""Evaluation: frozen features, weight loading, k-NN, linear probes, fine-tuning, clustering, export."""

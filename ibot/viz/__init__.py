@@ -1,0 +1,1 @@
+"""Drawing: attention maps, composites, grids and overlays written as PNG/JPEG."""
