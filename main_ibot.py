@@ -1,6 +1,7 @@
 """iBOT pre-training — the official entry point.
 
     python main_ibot.py --data_path /path/to/imagenet/train --output_dir out/    # one process, GPU or CPU
+    python main_ibot.py --config configs/vit_small_16_800ep.yaml --data_path ... --output_dir ...
     torchrun --nproc_per_node 8 main_ibot.py --arch vit_small --data_path ... --output_dir ...
 
 Flags, defaults and files are the official ones (``python main_ibot.py --help``); the code lives in the
@@ -10,6 +11,7 @@ import argparse
 import sys
 
 from ibot.data.augment import DataAugmentationiBOT  # noqa: F401  (official name)
+from ibot.train.config import parse_with_config
 from ibot.train.flags import get_args_parser
 from ibot.train.loss import iBOTLoss  # noqa: F401
 from ibot.utils.checkpoint import CheckpointWriteError, CorruptCheckpointError, UnsafeCheckpointError
@@ -17,7 +19,8 @@ from ibot.data.folders import BadImageError
 from ibot.utils.distributed import shutdown_distributed
 from ibot.train.faults import TrainingInterrupted
 from ibot.train.driver import ConfigError, train_ibot
-from ibot.train.step import NonFiniteLossError, train_one_epoch  # noqa: F401
+from ibot.train.epoch import train_one_epoch  # noqa: F401
+from ibot.train.step import NonFiniteLossError
 
 __all__ = ["get_args_parser", "iBOTLoss", "DataAugmentationiBOT", "train_one_epoch", "train_ibot"]
 
@@ -33,7 +36,7 @@ def main(argv=None):
     * 0 — stopped by SIGTERM (pre-emption) after writing checkpoint.pth; 130 — same after SIGINT.
     """
     parser = argparse.ArgumentParser("iBOT", parents=[get_args_parser()])
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
     try:
         train_ibot(args)
         shutdown_distributed()

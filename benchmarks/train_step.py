@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Throughput and peak memory of one iBOT training step (``ibot.train.train_step``) on synthetic data.
+"""Throughput and peak memory of one iBOT training step (``ibot.train.step.iBOTTrainStep``) on synthetic data.
 
 Accepts every ``main_ibot.py`` flag (``ibot.cli.get_args_parser`` is the parent parser) plus:
 
@@ -35,17 +35,15 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from ibot.train import driver as pretrain  # noqa: E402
-from ibot.train.flags import get_args_parser  # noqa: E402
-from ibot.data.masking import MaskGenerator  # noqa: E402
-from ibot.utils.misc import bool_flag  # noqa: E402
-from ibot.train.optim import common_parameters  # noqa: E402
-from ibot.train.step import train_step, unwrap  # noqa: E402
+from ibot.train import driver as pretrain
+from ibot.train.flags import get_args_parser
+from ibot.data.masking import MaskGenerator
+from ibot.utils.misc import bool_flag
+from ibot.train.context import make_context
+from ibot.train.step import iBOTTrainStep, unwrap
 
 # dense peak TFLOPS of one H100 SXM (NVIDIA data sheet, without sparsity)
 H100_PEAK_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5}
@@ -143,32 +141,29 @@ def profile_step(step, i, device):
 
 
 def run(args):
-    args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.distributed, args.gpu = False, 0 if args.device.type == "cuda" else -1
     args.train_step = args.mode
+    epoch = args.bench_epoch
+    args.epochs = max(args.epochs, epoch + 1, args.warmup_teacher_temp_epochs + args.pred_start_epoch)
+    args.warmup_epochs = min(args.warmup_epochs, args.epochs)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
     student, teacher = pretrain.build_networks(args)
-    student, teacher, teacher_without_ddp = pretrain.wrap_and_init_teacher(student, teacher, args)
-    epoch = args.bench_epoch
-    args.epochs = max(args.epochs, epoch + 1, args.warmup_teacher_temp_epochs + args.pred_start_epoch)
-    args.warmup_epochs = min(args.warmup_epochs, args.epochs)
+    ctx = make_context(args, train_step=pretrain.choose_train_step(args, student))
+    args.device, args.precision = ctx.device, ctx.precision  # for the record and the batches below
+    student, teacher, teacher_without_ddp = pretrain.wrap_and_init_teacher(student, teacher, ctx)
     niter = args.warmup_steps + args.steps + 2
-    ibot_loss, optimizer, fp16_scaler, (lr_schedule, wd_schedule, momentum_schedule) = \
-        pretrain.build_optimization(student, args, niter)
+    ibot_loss, optimizer, fp16_scaler, schedules = pretrain.build_optimization(student, args, ctx, niter)
     if args.compile:
         for net in (unwrap(student), teacher_without_ddp):
             net.backbone.compile()
-    ema_pairs = common_parameters(unwrap(student), teacher_without_ddp)
+    train = iBOTTrainStep.from_args(student, teacher, teacher_without_ddp, ibot_loss, args, ctx, fp16_scaler)
     batches = make_batches(args, min(niter, 4), seed=args.seed)
 
     def step(i):
         images, masks = batches[i % len(batches)]
-        return train_step(student, teacher, teacher_without_ddp, ibot_loss, optimizer, images, masks,
-                          niter * epoch + i, epoch, lr_schedule, wd_schedule, momentum_schedule, fp16_scaler,
-                          ema_pairs, args)
+        return train.train_step(optimizer, images, masks, niter * epoch + i, epoch, schedules)
 
     times, cpu_times, compile_s = [], [], None
     for i in range(args.warmup_steps + args.steps):

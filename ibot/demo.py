@@ -25,21 +25,14 @@ import os
 import sys
 import time
 
+from ibot.train.config import recipe_argv
+
 __all__ = ["SMALL_IMAGE_RECIPE", "demo_flags", "prepare", "report", "read_log", "main"]
 
-#: The small-image recipe: explicit options on top of the official defaults (which stay unchanged).
+#: The small-image recipe: explicit options on top of the official defaults (which stay unchanged),
+#: as main_ibot.py flags read from ibot/configs/small_image_fmnist.yaml (configs/ at the repository root).
 #: Per-choice figures: docs/small_image_recipe.md.
-SMALL_IMAGE_RECIPE = [
-    "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
-    "--global_crops_scale", "0.5", "1", "--local_crops_number", "2", "--local_crops_scale", "0.2", "0.5",
-    "--out_dim", "512", "--shared_head", "true", "--norm_last_layer", "false",
-    "--head_hidden_dim", "512", "--head_bottleneck_dim", "128",
-    "--lr", "0.004", "--warmup_epochs", "1", "--momentum_teacher", "0.96",
-    "--koleo_loss_weight", "0.1", "--color_jitter_scale", "2",
-    "--teacher_temp", "0.07", "--warmup_teacher_temp", "0.04", "--warmup_teacher_temp_epochs", "1",
-    "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2",
-    "--batch_size_per_gpu", "32", "--epochs", "5", "--num_workers", "1", "--saveckp_freq", "0",
-]
+SMALL_IMAGE_RECIPE = recipe_argv("small_image_fmnist")
 #: Loss terms logged per epoch (log.txt keys) and their labels in the plot.
 LOSS_TERMS = (("train_loss", "total"), ("train_cls", "[CLS] distillation"), ("train_patch", "masked patches"),
               ("train_koleo", "KoLeo (unweighted)"))
@@ -122,7 +115,7 @@ def report(data_dir, output_dir, k=20):
     """Random-init k-NN, ``learning_curve.png`` and ``summary.json`` in ``output_dir``; returns the summary."""
     import torch
 
-    from evaluation.eval_knn import knn_for_checkpoint
+    from ibot.eval.knn import knn_for_checkpoint
     from ibot.utils.checkpoint import safe_load
 
     records = read_log(output_dir)

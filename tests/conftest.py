@@ -18,3 +18,17 @@ def _restore_print():
     original = builtins.print
     yield
     builtins.print = original
+
+
+@pytest.fixture(scope="session")
+def fmnist_teacher(tmp_path_factory):
+    """The small-image recipe pre-trained once per session (tests/pretrained_teacher.py):
+    ``.checkpoint``, ``.data`` (300/100 per class), ``.log``, ``.arch``, ``.patch_size``.
+    ``IBOT_FMNIST_TEACHER`` names an existing checkpoint.pth of that script to reuse instead."""
+    import os
+    from pretrained_teacher import pretrain_fmnist_teacher, reuse_fmnist_teacher
+    workdir = str(tmp_path_factory.mktemp("fmnist_teacher"))
+    reuse = os.environ.get("IBOT_FMNIST_TEACHER")
+    if reuse:
+        return reuse_fmnist_teacher(reuse, workdir)
+    return pretrain_fmnist_teacher(workdir)

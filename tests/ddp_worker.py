@@ -6,20 +6,17 @@ rank sees its B images, gloo). Writes losses, centres and teacher weights of ran
 import os
 import random
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ibot.train.flags import get_args_parser  # noqa: E402
-from ibot.utils.distributed import (all_reduce_sum, get_rank, get_world_size, init_distributed_mode,  # noqa: E402
+from ibot.train.flags import get_args_parser
+from ibot.utils.distributed import (all_reduce_sum, get_rank, get_world_size, init_distributed,
                               shutdown_distributed)
-from ibot.data.masking import MaskGenerator  # noqa: E402
-from ibot.utils.misc import fix_random_seeds  # noqa: E402
-from ibot.train.optim import common_parameters  # noqa: E402
-from ibot.train.driver import build_networks, build_optimization, wrap_and_init_teacher  # noqa: E402
-from ibot.train.step import train_step, unwrap  # noqa: E402
+from ibot.data.masking import MaskGenerator
+from ibot.utils.misc import fix_random_seeds
+from ibot.train.context import make_context
+from ibot.train.driver import build_networks, build_optimization, wrap_and_init_teacher
+from ibot.train.step import iBOTTrainStep
 
 GLOBAL_BATCH = 8
 
@@ -32,12 +29,12 @@ def main(out_path, train_step_impl):
         "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2", "--norm_last_layer", "false",
         "--shared_head", "true", "--train_step", train_step_impl, "--lr", "0.01",
         "--batch_size_per_gpu", str(GLOBAL_BATCH // int(os.environ.get("WORLD_SIZE", 1)))])
-    init_distributed_mode(args)
-    args.precision = "fp32"
+    ctx = make_context(args, init_distributed(args.dist_url), precision="fp32")
     fix_random_seeds(0)
     student, teacher = build_networks(args)
-    student, teacher, teacher_without_ddp = wrap_and_init_teacher(student, teacher, args)
-    loss_fn, optimizer, scaler, (lr, wd, mom) = build_optimization(student, args, niter_per_epoch=2)
+    student, teacher, teacher_without_ddp = wrap_and_init_teacher(student, teacher, ctx)
+    loss_fn, optimizer, scaler, (lr, wd, mom) = build_optimization(student, args, ctx, niter_per_epoch=2)
+    step = iBOTTrainStep.from_args(student, teacher, teacher_without_ddp, loss_fn, args, ctx, scaler)
 
     gen = torch.Generator().manual_seed(1)
     rng = random.Random(2)
@@ -45,16 +42,14 @@ def main(out_path, train_step_impl):
     world, rank = get_world_size(), get_rank()
     b = GLOBAL_BATCH // world
     record = {"loss": [], "cls": [], "patch": []}
-    ema_pairs = common_parameters(unwrap(student), teacher_without_ddp)
     for it in range(2):
         images = [torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=gen) for _ in range(2)]
         images += [torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=gen) for _ in range(2)]
         masks = [torch.from_numpy(__import__("numpy").stack([masks_gen(rng, grid_hw=(4, 4))
                                                               for _ in range(GLOBAL_BATCH)])) for _ in range(2)]
         mine = slice(rank * b, (rank + 1) * b)
-        losses, _, _, _ = train_step(student, teacher, teacher_without_ddp, loss_fn, optimizer,
-                                     [im[mine] for im in images], [m[mine] for m in masks], it, 0,
-                                     lr, wd, mom, scaler, ema_pairs, args)
+        losses, _, _, _ = step.train_step(optimizer, [im[mine] for im in images], [m[mine] for m in masks],
+                                          it, 0, (lr, wd, mom))
         for key in record:  # mean over ranks = loss of the whole batch
             record[key].append(all_reduce_sum(losses[key].detach().clone()).item() / world)
     if rank == 0:

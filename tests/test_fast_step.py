@@ -1,7 +1,7 @@
 """The fast training step (``--train_step fast``) computes the official step (``reference``).
 
 Tiny ViT (32 px, patch 8 -> 4x4 grid, dim 48, depth 2, 3 heads; head hidden 32, bottleneck 16, 64
-prototypes) built by ``ibot.pretrain.build_networks`` / ``wrap_and_init_teacher`` from parsed flags.
+prototypes) built by ``ibot.train.driver.build_networks`` / ``wrap_and_init_teacher`` from parsed flags.
 Two identical copies (same seed) take TWO full ``train_step``s each, one per path, on the same
 batches; we compare the loss terms, the (clipped) gradient of EVERY student parameter, both centres,
 the student weights and the teacher (EMA) weights.
@@ -33,10 +33,12 @@ from ibot.train.loss import iBOTLoss, masked_token_weights
 from ibot.data.masking import MaskGenerator
 from ibot.train.optim import (build_optimizer, clip_gradients, clip_gradients_foreach, common_parameters,
                         ema_update, ema_update_loop, get_params_groups)
-from ibot.train.step import autocast_context, forward_fast, forward_reference, train_step, unwrap
+from ibot.train.context import RunContext
+from ibot.train.step import autocast_context, forward_fast, forward_reference, iBOTTrainStep, unwrap
 from tiny_models import register_tiny_arch, tiny_vit
 
 B = 4          # images per crop
+CPU = torch.device("cpu")
 LR = 1e-3
 
 
@@ -58,19 +60,28 @@ def make_args(*flags, train_step="fast", precision="fp32", single_pass=False):
             "--teacher_temp", "0.07"]
     args = get_args_parser().parse_args(base + list(flags))
     args.arch = "vit_test"
-    args.device, args.distributed, args.gpu = torch.device("cpu"), False, -1
     args.precision, args.train_step = precision, train_step
     args.single_student_pass = single_pass
     return args
+
+
+def context(args):
+    """The run context of one CPU process for ``args``."""
+    return RunContext(device=CPU, precision=args.precision, train_step=args.train_step)
+
+
+def make_step(student, teacher, teacher_without_ddp, ibot_loss, args):
+    """The training-step object the driver builds for ``args``."""
+    return iBOTTrainStep.from_args(student, teacher, teacher_without_ddp, ibot_loss, args, context(args))
 
 
 def build(args, seed=0):
     """(student, teacher, teacher_without_ddp, loss, optimizer) exactly as ibot/pretrain.py builds them."""
     torch.manual_seed(seed)
     student, teacher = pretrain.build_networks(args)
-    student, teacher, teacher_without_ddp = pretrain.wrap_and_init_teacher(student, teacher, args)
-    loss = pretrain.build_loss(args)
-    optimizer = build_optimizer(args.optimizer, get_params_groups(student), args.device.type)
+    student, teacher, teacher_without_ddp = pretrain.wrap_and_init_teacher(student, teacher, context(args))
+    loss = pretrain.build_loss(args, CPU)
+    optimizer = build_optimizer(args.optimizer, get_params_groups(student), "cpu")
     return student, teacher, teacher_without_ddp, loss, optimizer
 
 
@@ -119,11 +130,10 @@ def run_steps(args, batches, epoch=1):
     lr = np.full(n, LR)
     wd = np.linspace(0.04, 0.05, n)
     momentum = np.array([0.9, 0.95, 0.99][:n])
-    ema_pairs = common_parameters(unwrap(student), teacher_without_ddp)
+    step = make_step(student, teacher, teacher_without_ddp, ibot_loss, args)
     record = []
     for it, (images, masks) in enumerate(batches):
-        losses = train_step(student, teacher, teacher_without_ddp, ibot_loss, optimizer, images, masks, it,
-                            epoch, lr, wd, momentum, None, ema_pairs, args)[0]
+        losses = step.train_step(optimizer, images, masks, it, epoch, (lr, wd, momentum))[0]
         record.append(dict(
             losses={k: v.detach().clone() for k, v in losses.items()},
             grads={n: (p.grad.clone() if p.grad is not None else None) for n, p in student.named_parameters()},
@@ -363,8 +373,8 @@ def test_autocast_loss_close_to_fp32(precision, path):
     results = {}
     for prec in ("fp32", precision):
         loss = copy.deepcopy(ibot_loss)
-        with autocast_context(args.device, prec):
-            losses, t_cls, _ = fwd(student, t_arg, loss, images, masks, 1, 2, args.device)
+        with autocast_context(CPU, prec):
+            losses, t_cls, _ = fwd(student, t_arg, loss, images, masks, 1, 2, CPU)
         results[prec] = losses
         if prec != "fp32":
             assert t_cls.dtype == (torch.bfloat16 if prec == "bf16" else torch.float16)  # autocast was active
@@ -421,11 +431,10 @@ def _step_under(mode_factory, args, monkeypatch):
         finally:
             mode.enabled = True
     optimizer.step = unchecked_step
-    ema_pairs = common_parameters(unwrap(student), teacher_without_ddp)
+    train = make_step(student, teacher, teacher_without_ddp, ibot_loss, args)
     sched = np.full(4, 1e-3)
     with mode:
-        train_step(student, teacher, teacher_without_ddp, ibot_loss, optimizer, images, masks, 0, 1,
-                   sched, sched, np.full(4, 0.99), None, ema_pairs, args)
+        train.train_step(optimizer, images, masks, 0, 1, (sched, sched, np.full(4, 0.99)))
     return mode
 
 

@@ -31,7 +31,8 @@ from ibot.train import driver as pretrain
 from ibot.train.flags import get_args_parser
 from ibot.data.masking import MaskGenerator
 from ibot.train.optim import build_optimizer, common_parameters, get_params_groups
-from ibot.train.step import train_step, unwrap
+from ibot.train.context import RunContext
+from ibot.train.step import iBOTTrainStep, unwrap
 from ibot.models.swin_transformer import SwinTransformer
 from tiny_models import register_tiny_arch, tiny_vit
 
@@ -58,7 +59,6 @@ def make_args(*flags, train_step="fast"):
             "--batch_size_per_gpu", str(B), "--teacher_temp", "0.07"]
     args = get_args_parser().parse_args(base + list(flags))
     args.arch = "vit_ckpt_test"
-    args.device, args.distributed, args.gpu = torch.device("cpu"), False, -1
     args.precision, args.train_step = "fp32", train_step
     return args
 
@@ -83,17 +83,17 @@ def run_steps(args, batches, seed=0):
     losses and student gradients, and the student and teacher after the steps."""
     torch.manual_seed(seed)
     student, teacher = pretrain.build_networks(args)
-    student, teacher, teacher_without_ddp = pretrain.wrap_and_init_teacher(student, teacher, args)
-    ibot_loss = pretrain.build_loss(args)
-    optimizer = build_optimizer(args.optimizer, get_params_groups(student), args.device.type)
+    ctx = RunContext(device=torch.device("cpu"), precision=args.precision, train_step=args.train_step)
+    student, teacher, teacher_without_ddp = pretrain.wrap_and_init_teacher(student, teacher, ctx)
+    ibot_loss = pretrain.build_loss(args, ctx.device)
+    optimizer = build_optimizer(args.optimizer, get_params_groups(student), ctx.device.type)
     n = len(batches)
     lr, wd, momentum = np.full(n, 1e-3), np.linspace(0.04, 0.05, n), np.array([0.9, 0.95, 0.99][:n])
-    ema_pairs = common_parameters(unwrap(student), teacher_without_ddp)
+    step = iBOTTrainStep.from_args(student, teacher, teacher_without_ddp, ibot_loss, args, ctx)
     torch.manual_seed(seed + 1)  # the drop-path draws of the steps
     record = []
     for it, (images, masks) in enumerate(batches):
-        losses = train_step(student, teacher, teacher_without_ddp, ibot_loss, optimizer, images, masks, it, 1,
-                            lr, wd, momentum, None, ema_pairs, args)[0]
+        losses = step.train_step(optimizer, images, masks, it, 1, (lr, wd, momentum))[0]
         record.append(dict(
             losses={k: v.detach().clone() for k, v in losses.items()},
             grads={name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None},

@@ -5,10 +5,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
         "--local_crops_number", "0", "--out_dim", "64", "--shared_head", "true", "--head_hidden_dim", "64",
@@ -95,18 +93,6 @@ def test_fmnist_demo_writes_curve_and_summary(fmnist_small, tmp_path):
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0
 
 
-@pytest.fixture(scope="module")
-def fmnist_300(tmp_path_factory):
-    """32-px Fashion-MNIST, 300 train / 100 val images per class (the calibration set)."""
-    from ibot.data.fmnist import build_fmnist_folder
-    root = tmp_path_factory.mktemp("fmnist300")
-    build_fmnist_folder(str(root), size=32, per_class_train=300, per_class_val=100)
-    return str(root)
-
-
-# CI budget of the small-image recipe (the demo runs it for 5 epochs): 3 epochs = 279 steps, about 4
-# minutes on 2 cores; figures of the same budget in docs/small_image_recipe.md
-CI_EPOCHS = 3
 # Points of linear-probe top-1 the trained teacher must gain over random init: with 2 probe epochs on
 # 3000 images the probe's run-to-run spread is a few points, so 3 points is the smallest "clearly above".
 LINEAR_MARGIN = 3.0
@@ -114,21 +100,15 @@ LINEAR_MARGIN = 3.0
 
 @pytest.mark.slow
 @pytest.mark.learning
-def test_small_image_recipe_learns(fmnist_300, tmp_path):
-    """The small-image recipe (ibot.demo.SMALL_IMAGE_RECIPE), CI-sized, lifts the teacher's k-NN (k=20)
-    at least 5 points above the random initialisation measured here, and its linear probe clearly above
-    random init's (issue #3)."""
+def test_small_image_recipe_learns(fmnist_teacher, tmp_path):
+    """The small-image recipe (ibot.demo.SMALL_IMAGE_RECIPE), CI-sized (the session's ``fmnist_teacher``:
+    3 epochs), lifts the teacher's k-NN (k=20) at least 5 points above the random initialisation
+    measured here, and its linear probe clearly above random init's (issue #3)."""
     from evaluation import eval_linear
     from evaluation.eval_knn import knn_for_checkpoint
-    from ibot.demo import SMALL_IMAGE_RECIPE
-    out = str(tmp_path / "recipe")
-    _train(SMALL_IMAGE_RECIPE + ["--arch", "vit_tiny", "--epochs", str(CI_EPOCHS), "--num_workers", "1",
-                                 "--data_path", os.path.join(fmnist_300, "train"), "--output_dir", out,
-                                 "--eval_every", str(CI_EPOCHS), "--eval_keys", "teacher",
-                                 "--eval_data_path", fmnist_300, "--eval_resize_size", "32",
-                                 "--eval_crop_size", "32", "--eval_num_workers", "0"])
-    ckpt = os.path.join(out, "checkpoint.pth")
-    teacher = _log(out)[-1]["knn_top1_teacher"]
+    fmnist_300 = fmnist_teacher.data
+    ckpt = fmnist_teacher.checkpoint
+    teacher = fmnist_teacher.log[-1]["knn_top1_teacher"]
     random_init = knn_for_checkpoint("", fmnist_300, arch="vit_tiny", patch_size=8, nb_knn=(20,), resize_size=32,
                                      crop_size=32, use_cuda=False)[20]["top1"]
     print(f"k-NN top-1 (k=20): teacher {teacher}, random init {random_init}")

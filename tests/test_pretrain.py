@@ -11,9 +11,10 @@ import torch
 import main_ibot
 from ibot.utils.checkpoint import restart_from_checkpoint, safe_load
 from ibot.train.flags import get_args_parser
-from ibot.train.optim import common_parameters
 from ibot.train.driver import build_networks, build_optimization, checkpoint_dict, wrap_and_init_teacher
-from ibot.train.step import train_step, unwrap
+from ibot.train.context import RunContext, make_context
+from ibot.train.flags import complete_args
+from ibot.train.step import iBOTTrainStep, unwrap
 from official_fixtures import fixture_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,16 +86,15 @@ def test_our_checkpoint_resumes_to_the_same_state(trained_run):
     out, _, _ = trained_run
     ckpt = safe_load(out / "checkpoint.pth")
     args = ckpt["args"]
-    args.device = torch.device("cpu")
-    args.distributed = False
+    ctx = make_context(args, precision="fp32")
     student, teacher = build_networks(args)
-    student, teacher, teacher_without_ddp = wrap_and_init_teacher(student, teacher, args)
-    ibot_loss, optimizer, scaler, _ = build_optimization(student, args, 4)
+    student, teacher, teacher_without_ddp = wrap_and_init_teacher(student, teacher, ctx)
+    ibot_loss, optimizer, scaler, _ = build_optimization(student, args, ctx, 4)
     restored = {"epoch": 0}
     restart_from_checkpoint(str(out / "checkpoint.pth"), run_variables=restored, student=student, teacher=teacher,
                             optimizer=optimizer, fp16_scaler=scaler, ibot_loss=ibot_loss)
     assert restored["epoch"] == 3
-    again = checkpoint_dict(student, teacher, optimizer, 3, args, ibot_loss, scaler)
+    again = checkpoint_dict(student, teacher, optimizer, 3, args, ctx, ibot_loss, scaler)
     for key in ("student", "teacher", "ibot_loss"):
         assert list(again[key]) == list(ckpt[key])
         for name in ckpt[key]:
@@ -125,13 +125,13 @@ def _official_small_networks():
 def test_official_checkpoint_resumes_in_our_training():
     path = fixture_path("official_checkpoint.pth")
     official = safe_load(path)
-    args = official["args"]
-    args.device, args.distributed, args.train_step, args.precision = torch.device("cpu"), False, "fast", "fp32"
-    args.global_crops_size, args.local_crops_size, args.center2_tokens = 32, 16, "all"
+    args = complete_args(official["args"])  # the official Namespace lacks this repository's flags
+    args.global_crops_size, args.local_crops_size = 32, 16
     args.local_crops_number, args.local_crops_scale = 2, (0.05, 0.4)
+    ctx = RunContext(device=torch.device("cpu"), precision="fp32", train_step="fast")
     student, teacher = _official_small_networks()
-    student, teacher, teacher_without_ddp = wrap_and_init_teacher(student, teacher, args)
-    ibot_loss, optimizer, scaler, schedules = build_optimization(student, args, 1)
+    student, teacher, teacher_without_ddp = wrap_and_init_teacher(student, teacher, ctx)
+    ibot_loss, optimizer, scaler, schedules = build_optimization(student, args, ctx, 1)
     restored = {"epoch": 0}
     restart_from_checkpoint(str(path), run_variables=restored, student=student, teacher=teacher,
                             optimizer=optimizer, fp16_scaler=scaler, ibot_loss=ibot_loss)
@@ -152,8 +152,8 @@ def test_official_checkpoint_resumes_in_our_training():
     images = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
     masks = [torch.rand(4, 4, 4) < 0.3 for _ in range(2)]
     before = teacher.state_dict()["backbone.cls_token"].clone()
-    losses, *_ = train_step(student, teacher, teacher_without_ddp, ibot_loss, optimizer, images, masks, 0, 0,
-                            *schedules, scaler, common_parameters(unwrap(student), teacher_without_ddp), args)
+    step = iBOTTrainStep.from_args(student, teacher, teacher_without_ddp, ibot_loss, args, ctx, scaler)
+    losses, *_ = step.train_step(optimizer, images, masks, 0, 0, schedules)
     assert torch.isfinite(losses["loss"])
     assert not torch.equal(teacher.state_dict()["backbone.cls_token"], before)
 
@@ -175,7 +175,6 @@ HEAD_KEYS = ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.
 @pytest.mark.parametrize("shared", ["true", "false"])
 def test_wrapped_key_names_and_shapes_are_official(arch, dim, shared):
     args = parse(["--arch", arch, "--shared_head", shared, "--data_path", "."])
-    args.device, args.distributed, args.gpu = torch.device("cpu"), False, -1
     with torch.device("meta"):
         student, teacher = build_networks(args)
     s_sd, t_sd = student.state_dict(), teacher.state_dict()

@@ -1,89 +1,98 @@
-"""iBOT pre-training driver: builds data, networks, loss, optimiser and schedules, then runs the epochs.
+"""iBOT pre-training driver: data, networks, loss, optimiser and schedules, then the epochs.
 
 Launch (see README for the recipes)::
 
     python main_ibot.py --data_path DIR --output_dir OUT ...                    # one process (GPU or CPU)
+    python main_ibot.py --config configs/vit_small_800ep.yaml --data_path DIR --output_dir OUT
     torchrun --nproc_per_node 8 main_ibot.py --data_path DIR --output_dir OUT   # one node, 8 GPUs
     torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --master_addr A --master_port 29500 main_ibot.py ...
+
+:func:`train_ibot` reads top to bottom: validate the flags, set up the process (a
+:class:`~ibot.train.context.RunContext`), build the data, the networks, the training step
+(:class:`~ibot.train.step.iBOTTrainStep`) and the optimisation, resume (:class:`Checkpointer`), then
+per epoch :func:`~ibot.train.epoch.run_epoch`, a checkpoint, the optional k-NN and the log line.
 """
-import argparse
-from functools import partial
 import datetime
 import json
 import os
 import time
+from functools import partial
 
 import torch
 import torch.nn as nn
 
 import ibot.models as models
-from ibot.models.head import iBOTHead
-
-from ibot.utils import distributed as dist_utils
 from ibot.data.augment import DataAugmentationiBOT
-from ibot.utils.checkpoint import atomic_save, remove_stale_temp_files, restart_from_checkpoint
-from ibot.train.flags import check_args
 from ibot.data.folders import BadImageError, ImageFolderMask
-from ibot.train.faults import (ResumableSampler, StepBoundaryLoader, StopOnSignal, TrainingInterrupted, capture_rng_state,
-                     restore_rng_state)
+from ibot.models.head import iBOTHead
+from ibot.models.wrapper import MultiCropWrapper
+from ibot.train.context import make_context, saved_args
+from ibot.train.epoch import run_epoch
+from ibot.train.faults import (ResumableSampler, StepBoundaryLoader, StopOnSignal, TrainingInterrupted,
+                               capture_rng_state, restore_rng_state)
+from ibot.train.flags import check_args, complete_args
 from ibot.train.loss import iBOTLoss
-from ibot.utils.misc import fix_random_seeds, print_run_header
 from ibot.train.optim import build_optimizer, get_params_groups, has_batchnorms
 from ibot.train.periodic_eval import PeriodicKNN, should_evaluate
 from ibot.train.schedules import cosine_scheduler
-from ibot.train.step import NonFiniteLossError, train_one_epoch, unwrap
-from ibot.models.wrapper import MultiCropWrapper
+from ibot.train.step import NonFiniteLossError, iBOTTrainStep
+from ibot.utils import distributed as dist_utils
+from ibot.utils.checkpoint import atomic_save, remove_stale_temp_files, restart_from_checkpoint
+from ibot.utils.distributed import unwrap
+from ibot.utils.misc import fix_random_seeds, print_run_header
 
 
 class ConfigError(ValueError):
     """A flag, path or data problem found before training starts."""
 
 
+# ------------------------------------------------------------------------------------------------
+# builders
+# ------------------------------------------------------------------------------------------------
 def mask_cell_size(args):
     """Mask cell in pixels: the patch size for ViT, the final-stage token (8 × patch_size) for Swin."""
-    return 8 * args.patch_size if "swin" in args.arch else args.patch_size
+    return 8 * args.patch_size if models.model_family(args.arch) == "swin" else args.patch_size
 
 
 def build_dataset(args):
     """The pre-training ``ImageFolderMask`` with the multi-crop transform of the flags."""
     transform = DataAugmentationiBOT(args.global_crops_scale, args.local_crops_scale, args.global_crops_number,
                                      args.local_crops_number, args.global_crops_size, args.local_crops_size,
-                                     blur_radius_scale=getattr(args, "blur_radius_scale", 1.0),
-                                     color_jitter_scale=getattr(args, "color_jitter_scale", 1.0))
-    pred_size = mask_cell_size(args)
+                                     blur_radius_scale=args.blur_radius_scale,
+                                     color_jitter_scale=args.color_jitter_scale)
     try:
-        return ImageFolderMask(args.data_path, transform=transform, patch_size=pred_size,
+        return ImageFolderMask(args.data_path, transform=transform, patch_size=mask_cell_size(args),
                                pred_ratio=args.pred_ratio, pred_ratio_var=args.pred_ratio_var,
                                pred_aspect_ratio=(0.3, 1 / 0.3), pred_shape=args.pred_shape,
                                pred_start_epoch=args.pred_start_epoch,
                                mask_crops=args.global_crops_number, seed=args.seed,
-                               skip_bad_images=getattr(args, "skip_bad_images", False))
+                               skip_bad_images=args.skip_bad_images)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(str(err)) from None
 
 
-def build_data_loader(dataset, args):
+def build_data_loader(dataset, args, ctx):
     """Sampler (``DistributedSampler`` with its official seed 0, also for one process: same order for the
-    same epoch; a :class:`~ibot.faults.ResumableSampler` so that a mid-epoch resume can skip batches) and
-    loader. The loader has its own generator (reseeded per epoch by the trainer): its per-epoch worker base
+    same epoch; a :class:`~ibot.train.faults.ResumableSampler` so that a mid-epoch resume can skip
+    batches) and loader. The loader has its own generator (reseeded per epoch): its per-epoch worker base
     seed is then not drawn from the global torch RNG, which stays reserved for the training step
     (drop-path) and so is exactly restorable on resume; crops and masks are seeded per sample anyway.
     """
-    sampler = ResumableSampler(dataset, num_replicas=dist_utils.get_world_size(), rank=dist_utils.get_rank(),
-                               shuffle=True)
+    sampler = ResumableSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True)
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
-                                         num_workers=args.num_workers, pin_memory=args.device.type == "cuda",
+                                         num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda",
                                          drop_last=True, generator=torch.Generator().manual_seed(args.seed))
     if len(loader) == 0:
         raise ConfigError(f"--data_path {args.data_path} holds {len(dataset)} images, fewer than one batch "
-                          f"({args.batch_size_per_gpu} per process × {dist_utils.get_world_size()} processes); "
+                          f"({args.batch_size_per_gpu} per process × {ctx.world_size} processes); "
                           "lower --batch_size_per_gpu")
     return sampler, loader
 
 
 def build_networks(args):
-    """Student and teacher ``MultiCropWrapper``s (official construction, section 1.3 of the spec);
-    ``--grad_checkpointing`` switches activation checkpointing on in the student backbone."""
+    """Student and teacher ``MultiCropWrapper``s (official construction, section 1.3 of the spec), built
+    through the architecture registry; ``--grad_checkpointing`` switches activation checkpointing on in
+    the student backbone."""
     if not models.is_model(args.arch):
         raise ConfigError(f"unknown --arch {args.arch!r}; registered: {', '.join(models.arch_choices())}")
     factory = partial(models.create_model, models.resolve_name(args.arch))
@@ -100,7 +109,7 @@ def build_networks(args):
                           masked_im_modeling=args.use_masked_im_modeling, img_size=args.global_crops_size)
         teacher = factory(patch_size=args.patch_size, return_all_tokens=True, img_size=args.global_crops_size)
         embed_dim = student.embed_dim
-    if getattr(args, "grad_checkpointing", False):
+    if args.grad_checkpointing:
         student.set_grad_checkpointing(True)  # the teacher never records gradients
     head_kwargs = dict(patch_out_dim=args.patch_out_dim, norm=args.norm_in_head, act=args.act_in_head,
                        hidden_dim=args.head_hidden_dim, bottleneck_dim=args.head_bottleneck_dim)
@@ -111,31 +120,34 @@ def build_networks(args):
     return student, teacher
 
 
-def wrap_and_init_teacher(student, teacher, args):
-    """Move to the device, wrap in DDP where needed, copy the student into the teacher (quirk Q1), freeze it.
+def choose_train_step(args, student):
+    """The step computation of ``--train_step``, except that heads with BatchNorm need every token for
+    their statistics and so use the reference computation (said once)."""
+    if args.train_step == "fast" and has_batchnorms(student):
+        print("Note: the projection head has BatchNorm; its statistics need every token, "
+              "so the reference training step is used.")
+        return "reference"
+    return args.train_step
 
-    Returns ``(student, teacher, teacher_without_ddp)``.
-    """
-    student, teacher = student.to(args.device), teacher.to(args.device)
-    if args.train_step == "reference":
+
+def wrap_and_init_teacher(student, teacher, ctx):
+    """Move to ``ctx.device``, wrap in DDP where needed, copy the student into the teacher (quirk Q1),
+    freeze the teacher. Returns ``(student, teacher, teacher_without_ddp)``."""
+    student, teacher = student.to(ctx.device), teacher.to(ctx.device)
+    if ctx.train_step == "reference":
         for net in (student, teacher):
             if hasattr(net.backbone, "set_fused_attn"):
                 net.backbone.set_fused_attn(False)
     # The official code passes broadcast_buffers=False for Swin; its only buffers are constant indices,
     # so the default (broadcast) is equivalent and avoids a deprecated argument on recent PyTorch.
-    ddp_kwargs = dict(device_ids=[args.gpu] if args.device.type == "cuda" else None)
+    ddp_kwargs = dict(device_ids=[ctx.gpu] if ctx.device.type == "cuda" else None)
     teacher_without_ddp = teacher
-    if has_batchnorms(student):
-        if args.train_step == "fast":
-            print("Note: the projection head has BatchNorm; its statistics need every token, "
-                  "so the reference training step is used.")
-            args.train_step = "reference"
-        if args.distributed:
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-            teacher = nn.parallel.DistributedDataParallel(teacher, **ddp_kwargs)
-            teacher_without_ddp = teacher.module
-    if args.distributed:
+    if has_batchnorms(student) and ctx.distributed:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        teacher = nn.parallel.DistributedDataParallel(teacher, **ddp_kwargs)
+        teacher_without_ddp = teacher.module
+    if ctx.distributed:
         student = nn.parallel.DistributedDataParallel(student, **ddp_kwargs)
     teacher_without_ddp.load_state_dict(unwrap(student).state_dict(), strict=False)
     for p in teacher.parameters():
@@ -143,32 +155,23 @@ def wrap_and_init_teacher(student, teacher, args):
     return student, teacher, teacher_without_ddp
 
 
-def resolve_precision(args):
-    """``args.precision`` from the flags: explicit ``--precision`` wins; else fp16 if ``--use_fp16`` on a GPU."""
-    if args.precision is None:
-        args.precision = "fp16" if (args.use_fp16 and args.device.type == "cuda") else "fp32"
-        if args.use_fp16 and args.device.type != "cuda":
-            print("Note: --use_fp16 applies to GPUs; running in fp32 on the CPU (use --precision bf16 for "
-                  "bfloat16 autocast).")
-    return torch.amp.GradScaler(args.device.type) if args.precision == "fp16" else None
-
-
-def build_loss(args):
+def build_loss(args, device):
     """The ``iBOTLoss`` of the flags (patch width K when either head is shared, official rule)."""
     same_dim = args.shared_head or args.shared_head_teacher
     return iBOTLoss(args.out_dim, args.out_dim if same_dim else args.patch_out_dim,
                     args.global_crops_number, args.local_crops_number, args.warmup_teacher_temp,
                     args.teacher_temp, args.warmup_teacher_patch_temp, args.teacher_patch_temp,
                     args.warmup_teacher_temp_epochs, args.epochs, lambda1=args.lambda1, lambda2=args.lambda2,
-                    mim_start_epoch=args.pred_start_epoch, center2_tokens=args.center2_tokens).to(args.device)
+                    mim_start_epoch=args.pred_start_epoch, center2_tokens=args.center2_tokens).to(device)
 
 
-def build_optimization(student, args, niter_per_epoch):
-    """Loss, optimizer, GradScaler (or None) and the ``(lr, wd, momentum)`` per-iteration schedules."""
-    ibot_loss = build_loss(args)
-    optimizer = build_optimizer(args.optimizer, get_params_groups(student), args.device.type)
-    fp16_scaler = resolve_precision(args)
-    total_batch = args.batch_size_per_gpu * dist_utils.get_world_size()
+def build_optimization(student, args, ctx, niter_per_epoch):
+    """Loss, optimizer, GradScaler (fp16 only, else None) and the ``(lr, wd, momentum)`` per-iteration
+    schedules; the peak lr is scaled linearly with the total batch (``--lr`` is for 256 images)."""
+    ibot_loss = build_loss(args, ctx.device)
+    optimizer = build_optimizer(args.optimizer, get_params_groups(student), ctx.device.type)
+    fp16_scaler = torch.amp.GradScaler(ctx.device.type) if ctx.precision == "fp16" else None
+    total_batch = args.batch_size_per_gpu * ctx.world_size
     schedules = (
         cosine_scheduler(args.lr * total_batch / 256., args.min_lr, args.epochs, niter_per_epoch,
                          warmup_epochs=args.warmup_epochs),
@@ -178,16 +181,19 @@ def build_optimization(student, args, niter_per_epoch):
     return ibot_loss, optimizer, fp16_scaler, schedules
 
 
-def checkpoint_dict(student, teacher, optimizer, epoch, args, ibot_loss, fp16_scaler):
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------------
+def checkpoint_dict(student, teacher, optimizer, epoch, args, ctx, ibot_loss, fp16_scaler):
     """The official checkpoint: ``student`` keys prefixed ``module.``, ``teacher``, ``optimizer``,
-    ``epoch`` (finished epochs), ``args`` (an ``argparse.Namespace``), ``ibot_loss`` and ``fp16_scaler``."""
+    ``epoch`` (finished epochs), ``args`` (an ``argparse.Namespace``: the flags and the runtime values
+    of ``ctx``), ``ibot_loss`` and ``fp16_scaler``."""
     student_state = student.state_dict()
     if not next(iter(student_state)).startswith("module."):
         student_state = {"module." + k: v for k, v in student_state.items()}
-    saved_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "device"})
     save_dict = {"student": student_state, "teacher": unwrap(teacher).state_dict() if not isinstance(
                      teacher, nn.parallel.DistributedDataParallel) else teacher.state_dict(),
-                 "optimizer": optimizer.state_dict(), "epoch": epoch, "args": saved_args,
+                 "optimizer": optimizer.state_dict(), "epoch": epoch, "args": saved_args(args, ctx),
                  "ibot_loss": ibot_loss.state_dict()}
     if fp16_scaler is not None:
         save_dict["fp16_scaler"] = fp16_scaler.state_dict()
@@ -198,7 +204,7 @@ def resume_path(args):
     """The checkpoint to resume from: ``<output_dir>/checkpoint.pth`` when ``--auto_resume`` is on and it
     exists, else ``--load_from`` joined onto ``--output_dir`` (official), else None."""
     latest = os.path.join(args.output_dir, "checkpoint.pth")
-    if getattr(args, "auto_resume", False) and os.path.isfile(latest):
+    if args.auto_resume and os.path.isfile(latest):
         return latest
     if args.load_from:
         return os.path.join(args.output_dir, args.load_from)
@@ -212,6 +218,100 @@ def weights_are_finite(*modules):
     return bool(torch.stack(flags).all()) if flags else True
 
 
+class Checkpointer:
+    """Saving, resuming and stopping on signals, at step boundaries.
+
+    Every checkpoint is written atomically to ``<output_dir>/checkpoint.pth`` (and
+    ``checkpointNNNN.pth`` when ``--saveckp_freq`` says so, official naming) and carries, beyond the
+    official keys, ``iteration`` (batches of epoch ``epoch`` already trained: 0 at epoch ends, > 0 for
+    mid-epoch checkpoints of ``--save_every_iters`` or a signal), ``iters_per_epoch`` and ``rng_state``
+    (Python, NumPy, torch CPU/CUDA), so that a killed and resumed run ends with the same weights as an
+    uninterrupted one. Use :meth:`loader` to wrap the epoch's data loader: after every step it polls
+    the stop flag (all ranks agree every ``--print_freq`` steps) and writes the periodic checkpoints.
+    """
+
+    def __init__(self, args, ctx, step, optimizer, niter, stop):
+        self.args, self.ctx, self.step, self.optimizer, self.niter, self.stop = args, ctx, step, optimizer, niter, stop
+        self.path = os.path.join(args.output_dir, "checkpoint.pth")
+        self.epoch = 0  # the epoch in progress, for the step-boundary hook
+
+    def resume(self):
+        """Load the resume checkpoint if there is one; returns ``(start_epoch, start_iter, rng_state)``."""
+        args, step = self.args, self.step
+        state = {"epoch": 0, "iteration": 0, "iters_per_epoch": None, "rng_state": None}
+        path = resume_path(args)
+        if path:
+            restart_from_checkpoint(path, run_variables=state, student=step.student, teacher=step.teacher,
+                                    optimizer=self.optimizer, fp16_scaler=step.fp16_scaler, ibot_loss=step.ibot_loss)
+        elif args.auto_resume:
+            print(f"--auto_resume: no checkpoint.pth in {args.output_dir} yet: starting from scratch.")
+        start_epoch, start_iter = int(state["epoch"]), int(state["iteration"] or 0)
+        if start_iter and state["iters_per_epoch"] != self.niter:
+            raise ConfigError(f"{path} was saved {start_iter} iterations into epoch {start_epoch} with "
+                              f"{state['iters_per_epoch']} iterations per epoch, but these flags give {self.niter}: "
+                              "resume with the same --batch_size_per_gpu, number of processes and --data_path")
+        if path and os.path.isfile(path) and state["rng_state"] is None:
+            print("Note: the checkpoint holds no RNG state (official format): the resumed run continues "
+                  "correctly but does not repeat an uninterrupted run bit for bit.")
+        return start_epoch, start_iter, state["rng_state"]
+
+    def save(self, epoch, iteration, reason):
+        """Write checkpoint.pth for ``epoch`` finished epochs + ``iteration`` batches (``reason``:
+        ``epoch``, ``periodic`` or ``signal``); returns whether it was written. Non-finite weights are
+        never saved: a periodic save is skipped with a warning, the others stop the run."""
+        args, step = self.args, self.step
+        global_step = self.niter * epoch + iteration - 1
+        if self.ctx.is_main and not weights_are_finite(step.student, step.teacher, step.ibot_loss):
+            msg = (f"the weights are not finite after global step {global_step} (epoch {epoch}, iteration "
+                   f"{iteration}): {reason} checkpoint not written; {self.path} from before is intact")
+            if reason == "periodic":
+                print(f"Warning: {msg}.", flush=True)
+                return False
+            raise NonFiniteLossError(msg)
+        save_dict = checkpoint_dict(step.student, step.teacher, self.optimizer, epoch, args, self.ctx,
+                                    step.ibot_loss, step.fp16_scaler)
+        save_dict.update(iteration=iteration, iters_per_epoch=self.niter, rng_state=capture_rng_state())
+        if self.ctx.is_main:
+            atomic_save(save_dict, self.path)
+            if reason == "epoch" and args.saveckp_freq and (epoch - 1) % args.saveckp_freq == 0 and epoch - 1:
+                atomic_save(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch - 1:04}.pth"))
+        return True
+
+    def stop_requested(self, poll_collective=True):
+        """True when SIGTERM/SIGINT arrived; in a distributed run every rank must agree, so the flag is
+        all-reduced (only when ``poll_collective``, i.e. at steps all ranks reach together)."""
+        flag = self.stop.requested
+        if self.ctx.distributed:
+            if not poll_collective:
+                return False
+            t = torch.tensor([1.0 if flag else 0.0], device=self.ctx.device)
+            flag = dist_utils.all_reduce_sum(t).item() > 0
+        return flag
+
+    def interrupt(self, epoch, iteration):
+        """Raise :class:`TrainingInterrupted` after the signal's checkpoint is written."""
+        name = self.stop.signal_name or "SIGTERM"
+        where = (f"after iteration {iteration} of {self.niter} of epoch {epoch}" if iteration
+                 else f"after {epoch} finished epoch(s)")
+        raise TrainingInterrupted(
+            f"stopped on {name} {where}; checkpoint saved to {self.path}. "
+            f"Continue with the same flags plus --auto_resume true (or --load_from checkpoint.pth).", name)
+
+    def on_step_end(self, done):
+        """Hook after ``done`` batches of the current epoch: stop on a signal, or a periodic save."""
+        if done >= self.niter:  # end of the epoch: saved by the epoch loop
+            return
+        if self.stop_requested(poll_collective=done % self.args.print_freq == 0):
+            self.save(self.epoch, done, "signal")
+            self.interrupt(self.epoch, done)
+        if self.args.save_every_iters and done % self.args.save_every_iters == 0:
+            self.save(self.epoch, done, "periodic")
+
+    def loader(self, data_loader):
+        """``data_loader`` wrapped so that :meth:`on_step_end` runs after every step."""
+        return StepBoundaryLoader(data_loader, self.niter, self.on_step_end)
+
+
 def _clean_data_error(err):
     """A ``BadImageError`` re-raised by a DataLoader worker carries the worker's traceback in its
     message; keep the original message (its last line) and add the remedy."""
@@ -222,154 +322,98 @@ def _clean_data_error(err):
     return BadImageError(f"{text} (pass --skip_bad_images true to skip unreadable files)")
 
 
+def write_resolved_flags(args, ctx):
+    """``<output_dir>/args.json``: every flag of the run after the config file and the command line
+    (rank 0 only); a recipe file of the run, loadable with ``--config``."""
+    if ctx.is_main:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump({k: v for k, v in vars(args).items() if k != "config"}, f, indent=1, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
 def train_ibot(args):
     """Run iBOT pre-training with the parsed flags ``args``; returns the last epoch's stats.
 
     Raises ``ConfigError`` (bad flags/paths/data, before training), ``NonFiniteLossError`` (divergence;
     the last checkpoint is left intact), ``BadImageError`` (unreadable file, naming it),
     ``CheckpointWriteError`` (saving failed; the previous checkpoint is intact) and
-    ``TrainingInterrupted`` after SIGTERM/SIGINT, once a checkpoint has been written.
-
-    Fault tolerance (beyond the official code): every checkpoint is written atomically and also carries
-    ``iteration`` (batches of epoch ``epoch`` already trained: 0 at epoch ends, >0 for mid-epoch
-    checkpoints of ``--save_every_iters`` or a signal), ``iters_per_epoch`` and ``rng_state`` (Python,
-    NumPy, torch CPU/CUDA). A resume restores the RNG states right before the epoch loop and skips the
-    batches already trained, so that a killed and resumed CPU run ends with the same weights as an
-    uninterrupted one.
+    ``TrainingInterrupted`` after SIGTERM/SIGINT, once a checkpoint has been written. ``args`` is
+    not modified.
     """
+    args = complete_args(args)
     errors = check_args(args)
     if errors:
         raise ConfigError("\n".join(errors))
-    dist_utils.init_distributed_mode(args)
+
+    # ============ the process ... ============
+    info = dist_utils.init_distributed(args.dist_url)
     fix_random_seeds(args.seed)
     print_run_header(args)
     torch.backends.cudnn.benchmark = True
     os.makedirs(args.output_dir, exist_ok=True)
-    if dist_utils.is_main_process():
+    if info.rank == 0:
         for path in remove_stale_temp_files(args.output_dir):
             print(f"Removed {path} (left by a run killed while saving a checkpoint).")
 
     # ============ data ... ============
     dataset = build_dataset(args)
-    args.has_labels = getattr(dataset, "has_labels", True)
-    sampler, data_loader = build_data_loader(dataset, args)
+    ctx = make_context(args, info, has_labels=dataset.has_labels)
+    sampler, data_loader = build_data_loader(dataset, args, ctx)
     niter = len(data_loader)
     print(f"Data loaded: there are {len(dataset)} images.")
 
-    # ============ networks ... ============
+    # ============ networks and the training step ... ============
     student, teacher = build_networks(args)
-    student, teacher, teacher_without_ddp = wrap_and_init_teacher(student, teacher, args)
+    ctx = ctx.replace(train_step=choose_train_step(args, student))
+    student, teacher, teacher_without_ddp = wrap_and_init_teacher(student, teacher, ctx)
     print(f"Student and Teacher are built: they are both {args.arch} network.")
-
-    # ============ loss, optimizer, schedules ... ============
-    ibot_loss, optimizer, fp16_scaler, (lr_schedule, wd_schedule, momentum_schedule) = build_optimization(
-        student, args, niter)
+    ibot_loss, optimizer, fp16_scaler, schedules = build_optimization(student, args, ctx, niter)
+    step = iBOTTrainStep.from_args(student, teacher, teacher_without_ddp, ibot_loss, args, ctx, fp16_scaler)
+    write_resolved_flags(args, ctx)
     writer = None
-    if dist_utils.is_main_process():
+    if ctx.is_main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(log_dir=os.path.join(args.output_dir, "tf_logs"))
     print("Loss, optimizer and schedulers ready.")
 
     # ============ resume ... ============
-    to_restore = {"epoch": 0, "iteration": 0, "iters_per_epoch": None, "rng_state": None}
-    path = resume_path(args)
-    if path:
-        restart_from_checkpoint(path, run_variables=to_restore, student=student, teacher=teacher,
-                                optimizer=optimizer, fp16_scaler=fp16_scaler, ibot_loss=ibot_loss)
-    elif getattr(args, "auto_resume", False):
-        print(f"--auto_resume: no checkpoint.pth in {args.output_dir} yet: starting from scratch.")
-    start_epoch, start_iter = int(to_restore["epoch"]), int(to_restore["iteration"] or 0)
-    if start_iter and to_restore["iters_per_epoch"] != niter:
-        raise ConfigError(f"{path} was saved {start_iter} iterations into epoch {start_epoch} with "
-                          f"{to_restore['iters_per_epoch']} iterations per epoch, but these flags give {niter}: "
-                          "resume with the same --batch_size_per_gpu, number of processes and --data_path")
-    if path and os.path.isfile(path) and to_restore["rng_state"] is None:
-        print("Note: the checkpoint holds no RNG state (official format): the resumed run continues "
-              "correctly but does not repeat an uninterrupted run bit for bit.")
-
-    # ============ step-boundary hooks: signals, mid-epoch checkpoints ... ============
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
     stop = StopOnSignal()
-    position = {"epoch": start_epoch}
-
-    def stop_requested(poll_collective=True):
-        flag = stop.requested
-        if args.distributed:  # every rank must stop at the same step
-            if not poll_collective:
-                return False
-            t = torch.tensor([1.0 if flag else 0.0], device=args.device)
-            flag = dist_utils.all_reduce_sum(t).item() > 0
-        return flag
-
-    def save(epoch, iteration, reason):
-        """Write checkpoint.pth for ``epoch`` finished epochs + ``iteration`` batches; returns success."""
-        global_step = niter * epoch + iteration - 1
-        if dist_utils.is_main_process() and not weights_are_finite(student, teacher, ibot_loss):
-            msg = (f"the weights are not finite after global step {global_step} (epoch {epoch}, iteration "
-                   f"{iteration}): {reason} checkpoint not written; {ckpt_path} from before is intact")
-            if reason == "periodic":
-                print(f"Warning: {msg}.", flush=True)
-                return False
-            raise NonFiniteLossError(msg)
-        save_dict = checkpoint_dict(student, teacher, optimizer, epoch, args, ibot_loss, fp16_scaler)
-        save_dict.update(iteration=iteration, iters_per_epoch=niter, rng_state=capture_rng_state())
-        if dist_utils.is_main_process():
-            atomic_save(save_dict, ckpt_path)
-            if reason == "epoch" and args.saveckp_freq and (epoch - 1) % args.saveckp_freq == 0 and epoch - 1:
-                atomic_save(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch - 1:04}.pth"))
-        return True
-
-    def interrupt(epoch, iteration):
-        name = stop.signal_name or "SIGTERM"
-        where = (f"after iteration {iteration} of {niter} of epoch {epoch}" if iteration
-                 else f"after {epoch} finished epoch(s)")
-        raise TrainingInterrupted(
-            f"stopped on {name} {where}; checkpoint saved to {ckpt_path}. "
-            f"Continue with the same flags plus --auto_resume true (or --load_from checkpoint.pth).", name)
-
-    def on_step_end(done):
-        if done >= niter:  # end of the epoch: saved by the epoch loop
-            return
-        epoch = position["epoch"]
-        if stop_requested(poll_collective=done % args.print_freq == 0):
-            save(epoch, done, "signal")
-            interrupt(epoch, done)
-        if args.save_every_iters and done % args.save_every_iters == 0:
-            save(epoch, done, "periodic")
-
-    loader = StepBoundaryLoader(data_loader, niter, on_step_end)
-    periodic_knn = PeriodicKNN(args) if getattr(args, "eval_every", 0) > 0 else None
+    checkpointer = Checkpointer(args, ctx, step, optimizer, niter, stop)
+    start_epoch, start_iter, rng_state = checkpointer.resume()
+    loader = checkpointer.loader(data_loader)
+    periodic_knn = PeriodicKNN(args, ctx.device) if args.eval_every > 0 else None
 
     start_time = time.time()
     print("Starting iBOT training!")
     if start_iter:
         print(f"Resuming inside epoch {start_epoch}: skipping its first {start_iter} of {niter} iterations.")
-    if to_restore["rng_state"] is not None:
-        restore_rng_state(to_restore["rng_state"])
+    if rng_state is not None:
+        restore_rng_state(rng_state)
     train_stats = {}
     try:
         with stop:
             for epoch in range(start_epoch, args.epochs):
-                position["epoch"] = epoch
+                checkpointer.epoch = epoch
                 sampler.set_epoch(epoch)
-                data_loader.dataset.set_epoch(epoch)
+                dataset.set_epoch(epoch)
                 data_loader.generator.manual_seed(args.seed * 1000003 + epoch)
                 if epoch == start_epoch and start_iter:
                     loader.skip(start_iter)
                 try:
-                    train_stats = train_one_epoch(student, teacher, teacher_without_ddp, ibot_loss, loader,
-                                                  optimizer, lr_schedule, wd_schedule, momentum_schedule, epoch,
-                                                  fp16_scaler, args)
+                    train_stats = run_epoch(step, loader, optimizer, schedules, epoch, epochs=args.epochs,
+                                            print_freq=args.print_freq, has_labels=ctx.has_labels)
                 except BadImageError as err:
                     raise _clean_data_error(err) from None
 
-                save(epoch + 1, 0, "epoch")
+                checkpointer.save(epoch + 1, 0, "epoch")
                 knn_stats = {}
                 if periodic_knn is not None and should_evaluate(epoch, args):  # every rank takes part
                     knn_stats = periodic_knn({"teacher": teacher_without_ddp.backbone,
                                               "student": unwrap(student).backbone})
                     print(f"Epoch {epoch} k-NN: {knn_stats}", flush=True)
-                if dist_utils.is_main_process():
+                if ctx.is_main:
                     log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **knn_stats, "epoch": epoch}
                     with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                         f.write(json.dumps(log_stats) + "\n")
@@ -379,8 +423,8 @@ def train_ibot(args):
                     if dataset.num_bad_images:
                         print(f"Skipped {dataset.num_bad_images} unreadable image(s) so far (this process): "
                               f"{sorted(dataset.bad_images)}")
-                if stop_requested():
-                    interrupt(epoch + 1, 0)
+                if checkpointer.stop_requested():
+                    checkpointer.interrupt(epoch + 1, 0)
     finally:
         if writer is not None:
             writer.close()

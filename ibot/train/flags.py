@@ -3,7 +3,7 @@ import argparse
 import math
 import os
 
-from ibot.models import arch_choices
+from ibot.models import arch_choices, is_model, resolve_name
 from ibot.models.swin_transformer import check_swin_args
 
 from ibot.data.masking import check_mask_args
@@ -91,6 +91,9 @@ def get_args_parser():
     parser.add_argument("--data_path", default="/path/to/imagenet/train/", type=str,
                         help="Folder of training images (ImageFolder layout, or images directly).")
     parser.add_argument("--output_dir", default=".", type=str, help="Where checkpoints and logs go.")
+    parser.add_argument("--config", default=None, type=str,
+                        help="YAML file of flags (configs/*.yaml); flags on the command line override it. "
+                             "The resolved flags are written to output_dir/args.json.")
     parser.add_argument("--saveckp_freq", default=40, type=int, help="Save checkpointNNNN.pth every x epochs.")
     parser.add_argument("--seed", default=0, type=int, help="Random seed.")
     parser.add_argument("--num_workers", default=10, type=int, help="Data loading workers per process.")
@@ -215,17 +218,33 @@ def check_args(args):
         if not getattr(args, flag) > 0:
             errors.append(f"--{flag} must be > 0 (got {getattr(args, flag)})")
     for flag, low in (("num_workers", 0), ("saveckp_freq", 0), ("save_every_iters", 0), ("print_freq", 1)):
-        if getattr(args, flag, low) < low:
+        if getattr(args, flag) < low:
             errors.append(f"--{flag} must be >= {low} (got {getattr(args, flag)})")
     if not args.data_path or not os.path.isdir(args.data_path):
         errors.append(f"--data_path {args.data_path!r} is not a folder")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         errors.append(f"--output_dir {args.output_dir!r} exists and is not a folder")
     for flag in ("blur_radius_scale", "color_jitter_scale", "koleo_loss_weight"):
-        value = getattr(args, flag, 1.0)
+        value = getattr(args, flag)
         if not math.isfinite(value) or value < 0:
             errors.append(f"--{flag} must be a finite number >= 0 (got {value})")
-    if getattr(args, "koleo_loss_weight", 0.0) > 0 and args.batch_size_per_gpu < 2:
+    if args.koleo_loss_weight > 0 and args.batch_size_per_gpu < 2:
         errors.append("--koleo_loss_weight needs --batch_size_per_gpu >= 2 (nearest neighbours within a batch)")
     errors += check_eval_args(args)
     return errors
+
+
+def parser_defaults():
+    """``{flag dest: default}`` of :func:`get_args_parser`: the only place defaults are written."""
+    parser = get_args_parser()
+    return {a.dest: a.default for a in parser._actions if a.dest != "help"}
+
+
+def complete_args(args):
+    """A copy of ``args`` with every flag the parser knows and ``args`` lacks set to its default (a
+    Namespace from an older checkpoint, or built by hand), and ``--arch`` resolved through the
+    registry (``deit_*`` -> ``vit_*``, as the official code rewrites it). ``args`` is not modified."""
+    values = {**parser_defaults(), **vars(args)}
+    if values.get("arch") and is_model(values["arch"]):
+        values["arch"] = resolve_name(values["arch"])
+    return argparse.Namespace(**values)

@@ -29,7 +29,7 @@ __all__ = ["PeriodicKNN", "should_evaluate", "knn_log_keys", "check_eval_args"]
 def should_evaluate(epoch, args):
     """True when the k-NN runs after epoch ``epoch`` (0-based): every ``eval_every`` epochs and after
     the last epoch; never when ``eval_every`` is 0."""
-    every = int(getattr(args, "eval_every", 0) or 0)
+    every = int(args.eval_every or 0)
     if every <= 0:
         return False
     return (epoch + 1) % every == 0 or epoch + 1 == args.epochs
@@ -48,38 +48,38 @@ def knn_log_keys(results, key, nb_knn):
 def check_eval_args(args):
     """Messages for unusable ``--eval_*`` flags (empty when ``--eval_every`` is 0)."""
     errors = []
-    every = getattr(args, "eval_every", 0)
+    every = args.eval_every
     if every < 0:
         errors.append(f"--eval_every must be >= 0 (got {every})")
     if every <= 0:
         return errors
-    path = getattr(args, "eval_data_path", "") or ""
+    path = args.eval_data_path or ""
     if not path:
         errors.append("--eval_every needs --eval_data_path (a folder with train/ and val/ class folders)")
     else:
         for split in ("train", "val"):
             if not os.path.isdir(os.path.join(path, split)):
                 errors.append(f"--eval_data_path {path!r} has no {split}/ folder")
-    keys = [k for k in str(getattr(args, "eval_keys", "teacher")).split(",") if k]
+    keys = [k for k in str(args.eval_keys).split(",") if k]
     if not keys or any(k not in ("teacher", "student") for k in keys):
         errors.append(f"--eval_keys must be teacher, student or teacher,student (got {args.eval_keys!r})")
-    if not getattr(args, "eval_nb_knn", None) or any(k < 1 for k in args.eval_nb_knn):
-        errors.append(f"--eval_nb_knn needs positive values (got {getattr(args, 'eval_nb_knn', None)})")
+    if not args.eval_nb_knn or any(k < 1 for k in args.eval_nb_knn):
+        errors.append(f"--eval_nb_knn needs positive values (got {args.eval_nb_knn})")
     return errors
 
 
 class PeriodicKNN:
     """k-NN of the pre-training backbones on a labelled folder; loaders are built once (lazily)."""
 
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, args, device):
+        self.args, self.device = args, device
         self.keys = [k for k in str(args.eval_keys).split(",") if k]
         self.nb_knn = [int(k) for k in args.eval_nb_knn]
         self._loaders = None
 
     def loaders(self):
         if self._loaders is None:
-            from evaluation.eval_knn import build_knn_loaders
+            from ibot.eval.knn import build_knn_loaders
             a = self.args
             self._loaders = build_knn_loaders(a.eval_data_path, a.eval_resize_size, a.eval_crop_size,
                                               a.eval_batch_size, a.eval_num_workers)
@@ -95,11 +95,11 @@ class PeriodicKNN:
         start = time.time()
         try:
             train_loader, val_loader = self.loaders()
-            use_cuda = a.device.type == "cuda"
+            use_cuda = self.device.type == "cuda"
             out = {}
             for key in self.keys:
                 results = run_knn(backbones[key], train_loader, val_loader, self.nb_knn, a.eval_temperature,
-                                  n_last_blocks=1, avgpool_patchtokens=0, use_cuda=use_cuda, device=a.device,
+                                  n_last_blocks=1, avgpool_patchtokens=0, use_cuda=use_cuda, device=self.device,
                                   verbose=False)
                 out.update(knn_log_keys(results, key, self.nb_knn))
         finally:

@@ -1,45 +1,44 @@
-"""One iBOT training epoch: forward of teacher and student, loss, backward, clipping, step, EMA.
+"""The iBOT training step as an object that owns its networks (DINOv2's ``SSLMetaArch`` is the model).
 
-Two implementations of the step compute the same loss and updates (tests hold them equal in fp32):
+:class:`iBOTTrainStep` holds the student, the teacher (with and without its DDP wrapper), the
+:class:`~ibot.train.loss.iBOTLoss` (which owns the centres) and the student/teacher parameter pairs of
+the EMA. One optimisation step is::
 
-- ``fast`` (default): the projection heads run on [CLS] tokens and masked patch tokens only; the
-  teacher's patch logits are built only at masked positions and its centre statistic from the mean
-  bottleneck feature; clipping and EMA use foreach kernels; nothing reads values back to the host
-  except every ``--print_freq`` iterations.
-- ``reference``: the official computation (heads on every token, per-parameter ``.item()`` clipping,
-  Python EMA loop, per-step gathers and synchronisation) — the baseline of ``benchmarks/train_step.py``.
+    losses, t_cls, s_cls = step.forward_backward(images, masks, epoch)   # loss.backward() included
+    grad_norm = step.clip_and_step(optimizer, epoch)                     # clip, freeze last layer, step
+    step.update_teacher(momentum)                                        # EMA: the online tokenizer
+
+or all of it with the per-iteration schedules: ``step.train_step(optimizer, images, masks, it, epoch,
+schedules)``. Two computations of the same loss and updates are chosen once, when the step is built
+(tests hold them equal in fp32):
+
+- :class:`FastComputation` (``--train_step fast``, default): the projection heads run on [CLS] tokens
+  and masked patch tokens only; the teacher's patch logits are built only at masked positions and its
+  centre statistic from the mean bottleneck feature; clipping and EMA use foreach kernels; nothing
+  reads values back to the host.
+- :class:`ReferenceComputation` (``reference``): the official computation (heads on every token,
+  per-parameter ``.item()`` clipping, Python EMA loop, per-step gathers and synchronisation) — the
+  baseline of ``benchmarks/train_step.py``.
 """
-import contextlib
+import dataclasses
 import math
 import sys
 
 import torch
 
-from ibot.eval.cluster_metrics import eval_pred
-from ibot.utils.distributed import concat_all_gather
-from ibot.train.loss import KoLeoLoss, masked_token_weights
-from ibot.utils.metric_logger import MetricLogger
-from ibot.train.optim import (cancel_gradients_last_layer, clip_gradients, clip_gradients_foreach, common_parameters,
-                    ema_update, ema_update_loop)
 from ibot.models.wrapper import unmasked
+from ibot.train.loss import KoLeoLoss, masked_token_weights
+from ibot.train.optim import (cancel_gradients_last_layer, clip_gradients, clip_gradients_foreach, common_parameters,
+                              ema_update, ema_update_loop)
+from ibot.utils.distributed import unwrap
+from ibot.utils.precision import autocast_context
+
+__all__ = ["StepConfig", "FastComputation", "ReferenceComputation", "iBOTTrainStep", "NonFiniteLossError",
+           "NonFiniteWatch", "forward_fast", "forward_reference", "add_koleo_term", "autocast_context", "unwrap"]
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when the loss became NaN/Inf; the message names the step, the term and the schedules."""
-
-
-def unwrap(model):
-    """The module inside a DDP (or compile) wrapper, or the model itself."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-def autocast_context(device, precision):
-    """``torch.autocast`` for ``precision`` in {fp32, fp16, bf16} on ``device``."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _local_crops_context(student):
@@ -139,134 +138,157 @@ class NonFiniteWatch:
             f"gradient norm={grad:.4g}. Training stopped; the last checkpoint saved before this step is intact.")
 
 
-def train_step(student, teacher, teacher_without_ddp, ibot_loss, optimizer, images, masks, it, epoch,
-               lr_schedule, wd_schedule, momentum_schedule, fp16_scaler, ema_pairs, args):
-    """One optimisation step on a batch; returns ``(losses, t_cls, s_cls, grad_norm)``.
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """The flags one step reads: crops, clipping, last-layer freezing, KoLeo, the single student pass."""
+    global_crops_number: int = 2
+    clip_grad: float = 3.0
+    freeze_last_layer: int = 1
+    koleo_loss_weight: float = 0.0
+    single_student_pass: bool = False
 
-    ``images``: list of ng+nl crop batches ``(B, 3, h, w)`` already on the device; ``masks``: list of
-    at least ng CPU bool tensors ``(B, H, W)``; ``it``: global iteration (schedule index);
-    ``ema_pairs``: ``common_parameters(student, teacher)``. ``grad_norm`` is the norm of the
-    per-parameter gradient norms (fast path with clipping) or None; nothing is read back to the host
-    in the fast path.
+    @classmethod
+    def from_args(cls, args):
+        """The step configuration of parsed (and completed) ``main_ibot.py`` flags."""
+        return cls(args.global_crops_number, args.clip_grad, args.freeze_last_layer, args.koleo_loss_weight,
+                   getattr(args, "single_student_pass", False))
+
+
+class FastComputation:
+    """``--train_step fast``: heads on [CLS] and masked tokens, foreach clipping and EMA, no host sync."""
+    name = "fast"
+    gathers_every_step = False
+
+    def forward(self, step, images, masks, epoch):
+        c = step.config
+        return forward_fast(step.student, step.teacher_without_ddp, step.ibot_loss, images, masks, epoch,
+                            c.global_crops_number, step.device, c.single_student_pass, c.koleo_loss_weight)
+
+    def check_loss(self, loss):
+        """Nothing: the epoch loop's :class:`NonFiniteWatch` checks on the device."""
+
+    def clip(self, step, clip):
+        trainable = [p for p in unwrap(step.student).parameters() if p.requires_grad]
+        norms = clip_gradients_foreach(trainable, clip)
+        return norms.norm() if norms is not None else None
+
+    def ema(self, pairs, momentum):
+        ema_update(*pairs, momentum)
+
+    def finish(self, device):
+        """Nothing: no synchronisation."""
+
+
+class ReferenceComputation(FastComputation):
+    """``--train_step reference``: the official computation, step for step."""
+    name = "reference"
+    gathers_every_step = True
+
+    def forward(self, step, images, masks, epoch):
+        c = step.config
+        return forward_reference(step.student, step.teacher, step.ibot_loss, images, masks, epoch,
+                                 c.global_crops_number, step.device, c.koleo_loss_weight)
+
+    def check_loss(self, loss):
+        """Official: stop the process on a non-finite loss (read back every step)."""
+        if not math.isfinite(loss.item()):
+            print(f"Loss is {loss.item()}, stopping training", force=True)
+            sys.exit(1)
+
+    def clip(self, step, clip):
+        clip_gradients(step.student, clip)
+        return None
+
+    def ema(self, pairs, momentum):
+        ema_update_loop(*pairs, momentum)
+
+    def finish(self, device):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+COMPUTATIONS = {"fast": FastComputation, "reference": ReferenceComputation}
+
+
+class iBOTTrainStep:
+    """Student, teacher, loss and EMA pairs of one run, and the computation of one optimisation step.
+
+    ``student`` / ``teacher``: the (possibly DDP-wrapped) ``MultiCropWrapper``s; ``teacher_without_ddp``
+    the bare teacher; ``ibot_loss``: the loss with its centres; ``computation``: ``"fast"`` or
+    ``"reference"``; ``precision``: ``fp32`` | ``fp16`` | ``bf16`` (fp16 needs ``fp16_scaler``).
     """
-    device, precision = args.device, args.precision
-    koleo_weight = getattr(args, "koleo_loss_weight", 0.0)
-    reference = args.train_step == "reference"
-    ngcrops = args.global_crops_number
-    for j, param_group in enumerate(optimizer.param_groups):
-        param_group["lr"] = float(lr_schedule[it])  # Python floats: numpy scalars would need unsafe unpickling
-        if j == 0:
-            param_group["weight_decay"] = float(wd_schedule[it])
 
-    with autocast_context(device, precision):
-        if reference:
-            losses, t_cls, s_cls = forward_reference(student, teacher, ibot_loss, images, masks, epoch, ngcrops, device,
-                                                     koleo_weight)
+    def __init__(self, student, teacher, teacher_without_ddp, ibot_loss, *, config=StepConfig(),
+                 computation="fast", device=torch.device("cpu"), precision="fp32", fp16_scaler=None):
+        self.student, self.teacher, self.teacher_without_ddp = student, teacher, teacher_without_ddp
+        self.ibot_loss, self.config = ibot_loss, config
+        self.computation = COMPUTATIONS[computation]()
+        self.device, self.precision, self.fp16_scaler = device, precision, fp16_scaler
+        self.ema_pairs = common_parameters(unwrap(student), teacher_without_ddp)
+
+    @classmethod
+    def from_args(cls, student, teacher, teacher_without_ddp, ibot_loss, args, ctx, fp16_scaler=None):
+        """The step of parsed flags ``args`` in run context ``ctx`` (device, precision, computation)."""
+        return cls(student, teacher, teacher_without_ddp, ibot_loss, config=StepConfig.from_args(args),
+                   computation=ctx.train_step, device=ctx.device, precision=ctx.precision,
+                   fp16_scaler=fp16_scaler)
+
+    @property
+    def reference(self):
+        """True when the official computation is in use."""
+        return self.computation.name == "reference"
+
+    def forward_backward(self, images, masks, epoch):
+        """Loss of one batch and its backward pass (scaled under fp16); returns ``(losses, t_cls, s_cls)``.
+
+        ``images``: list of ng+nl crop batches ``(B, 3, h, w)`` on the device; ``masks``: list of at
+        least ng CPU bool tensors ``(B, H, W)``; ``losses``: ``loss``, ``cls``, ``patch`` (+ ``koleo``)
+        0-d tensors; ``t_cls`` / ``s_cls``: ``(ng·B, K)`` [CLS] logits of teacher and student.
+        """
+        with autocast_context(self.device, self.precision):
+            losses, t_cls, s_cls = self.computation.forward(self, images, masks, epoch)
+        loss = losses["loss"]
+        self.computation.check_loss(loss)
+        if self.fp16_scaler is not None:
+            self.fp16_scaler.scale(loss).backward()
         else:
-            losses, t_cls, s_cls = forward_fast(student, teacher_without_ddp, ibot_loss, images, masks, epoch,
-                                                ngcrops, device, getattr(args, "single_student_pass", False),
-                                                koleo_weight)
-    loss = losses["loss"]
-    if reference and not math.isfinite(loss.item()):
-        print(f"Loss is {loss.item()}, stopping training", force=True)
-        sys.exit(1)
+            loss.backward()
+        return losses, t_cls, s_cls
 
-    optimizer.zero_grad()
-    grad_norm = None
-    if fp16_scaler is not None:
-        fp16_scaler.scale(loss).backward()
-        if args.clip_grad:
-            fp16_scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    if args.clip_grad:
-        if reference:
-            clip_gradients(student, args.clip_grad)
+    def clip_and_step(self, optimizer, epoch):
+        """Unscale (fp16), clip per parameter (``clip_grad``; 0 = off), cancel the last layer's gradients
+        during ``freeze_last_layer`` epochs, step the optimizer. Returns the norm of the per-parameter
+        gradient norms (fast computation with clipping) or None."""
+        grad_norm = None
+        clip = self.config.clip_grad
+        if self.fp16_scaler is not None and clip:
+            self.fp16_scaler.unscale_(optimizer)
+        if clip:
+            grad_norm = self.computation.clip(self, clip)
+        cancel_gradients_last_layer(epoch, self.student, self.config.freeze_last_layer)
+        if self.fp16_scaler is not None:
+            self.fp16_scaler.step(optimizer)
+            self.fp16_scaler.update()
         else:
-            trainable = [p for p in unwrap(student).parameters() if p.requires_grad]
-            norms = clip_gradients_foreach(trainable, args.clip_grad)
-            grad_norm = norms.norm() if norms is not None else None
-    cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
-    if fp16_scaler is not None:
-        fp16_scaler.step(optimizer)
-        fp16_scaler.update()
-    else:
-        optimizer.step()
+            optimizer.step()
+        return grad_norm
 
-    momentum = float(momentum_schedule[it])
-    (ema_update_loop if reference else ema_update)(*ema_pairs, momentum)
-    if reference and device.type == "cuda":
-        torch.cuda.synchronize()
-    return losses, t_cls, s_cls, grad_norm
+    def update_teacher(self, momentum):
+        """EMA of the student into the teacher: ``t = m·t + (1 − m)·s`` over the shared parameters."""
+        self.computation.ema(self.ema_pairs, momentum)
+        self.computation.finish(self.device)
 
-
-def train_one_epoch(student, teacher, teacher_without_ddp, ibot_loss, data_loader, optimizer, lr_schedule,
-                    wd_schedule, momentum_schedule, epoch, fp16_scaler, args):
-    """Official signature. Trains one epoch and returns the averaged stats ``{loss, cls, patch, lr, wd,
-    acc}`` plus the clustering monitors ``nmi, ari, fscore, adjacc`` when the data set has labels.
-    """
-    args.device = getattr(args, "device", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if getattr(args, "precision", None) is None:
-        args.precision = "fp16" if fp16_scaler is not None else "fp32"
-    args.train_step = getattr(args, "train_step", "fast")
-    reference = args.train_step == "reference"
-    print_freq = getattr(args, "print_freq", 10)
-
-    metric_logger = MetricLogger(delimiter="  ")
-    header = f"Epoch: [{epoch}/{args.epochs}]"
-    ema_pairs = common_parameters(unwrap(student), teacher_without_ddp)
-    watch = NonFiniteWatch(args.device)
-    pred_labels, real_labels = [], []
-
-    # a mid-epoch resume (ibot.faults.StepBoundaryLoader) yields the epoch's batches from start_iter on
-    start_iter = getattr(data_loader, "start_iter", 0)
-    for i, (images, labels, masks) in enumerate(metric_logger.log_every(data_loader, print_freq, header),
-                                                start=start_iter):
-        it = len(data_loader) * epoch + i
-        images = [im.to(args.device, non_blocking=True) for im in images]
-        losses, t_cls, s_cls, grad_norm = train_step(
-            student, teacher, teacher_without_ddp, ibot_loss, optimizer, images, masks, it, epoch,
-            lr_schedule, wd_schedule, momentum_schedule, fp16_scaler, ema_pairs, args)
-
-        # monitor: agreement of teacher (crop 0) and student (crop 1) argmax, official (quirk Q26)
-        batch = labels.shape[0]
-        pred1 = t_cls[:batch].argmax(dim=-1)
-        pred2 = s_cls[batch:2 * batch].argmax(dim=-1)
-        if reference:  # official: gather every step
-            pred1, pred2 = concat_all_gather(pred1), concat_all_gather(pred2)
-            real_labels.append(concat_all_gather(labels.to(args.device)))
-        else:
-            real_labels.append(labels)
-        pred_labels.append(pred1)
-
-        if not reference:
-            watch.update(it, losses, grad_norm)
-        metric_logger.update(loss=losses["loss"].detach())
-        metric_logger.update(cls=losses["cls"].detach(), patch=losses["patch"].detach())
-        if "koleo" in losses:
-            metric_logger.update(koleo=losses["koleo"])
-        metric_logger.update(lr=optimizer.param_groups[0]["lr"], wd=optimizer.param_groups[0]["weight_decay"])
-        metric_logger.update(acc=(pred1 == pred2).float().mean())
-        if not reference and (i % print_freq == 0 or i == len(data_loader) - 1):
-            watch.check(epoch, lr_schedule, ibot_loss)
-
-    stats = _epoch_monitors(pred_labels, real_labels, reference, getattr(args, "has_labels", True))
-    metric_logger.synchronize_between_processes()
-    print("Averaged stats:", metric_logger)
-    return_dict = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
-    return_dict.update(stats)
-    return return_dict
-
-
-def _epoch_monitors(pred_labels, real_labels, gathered, has_labels):
-    """NMI/ARI/F of the teacher's crop-0 argmax against the folder labels, over the whole epoch."""
-    if not pred_labels or not has_labels:
-        return {}
-    pred = torch.cat(pred_labels)
-    real = torch.cat([r.to(pred.device) for r in real_labels])
-    if not gathered:
-        pred, real = concat_all_gather(pred), concat_all_gather(real)
-    pred, real = pred.cpu().numpy(), real.cpu().numpy()
-    nmi, ari, fscore, adjacc = eval_pred(real, pred, calc_acc=False)
-    print(f"NMI: {nmi}, ARI: {ari}, F: {fscore}, ACC: {adjacc}")
-    return {"nmi": nmi, "ari": ari, "fscore": fscore, "adjacc": adjacc}
+    def train_step(self, optimizer, images, masks, it, epoch, schedules):
+        """One whole optimisation step at global iteration ``it`` with ``schedules = (lr, wd, momentum)``
+        per-iteration arrays; returns ``(losses, t_cls, s_cls, grad_norm)``. Nothing is read back to the
+        host in the fast computation."""
+        lr_schedule, wd_schedule, momentum_schedule = schedules
+        for j, param_group in enumerate(optimizer.param_groups):
+            param_group["lr"] = float(lr_schedule[it])  # Python floats: numpy scalars would need unsafe unpickling
+            if j == 0:
+                param_group["weight_decay"] = float(wd_schedule[it])
+        optimizer.zero_grad()
+        losses, t_cls, s_cls = self.forward_backward(images, masks, epoch)
+        grad_norm = self.clip_and_step(optimizer, epoch)
+        self.update_teacher(float(momentum_schedule[it]))
+        return losses, t_cls, s_cls, grad_norm

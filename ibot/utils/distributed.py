@@ -9,6 +9,7 @@ Launch modes (``init_distributed_mode``):
   one); the GPU if there is one, else the CPU.
 """
 import builtins
+import dataclasses
 import datetime
 import os
 
@@ -19,6 +20,18 @@ import torch.distributed as dist
 def is_dist_avail_and_initialized():
     """True when a process group is initialised."""
     return dist.is_available() and dist.is_initialized()
+
+
+def unwrap(model):
+    """The module inside every wrapper layer: DDP / DataParallel / EMA-style ``.module`` and
+    ``torch.compile``'s ``._orig_mod``, peeled in any order and depth; a bare model is returned as is."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
 
 
 def get_world_size():
@@ -58,49 +71,67 @@ def _env_int(name, default=None):
     return default if value is None else int(value)
 
 
-def init_distributed_mode(args):
-    """Set ``args.rank``, ``args.world_size``, ``args.gpu``, ``args.distributed`` and ``args.device``.
+@dataclasses.dataclass(frozen=True)
+class DistributedInfo:
+    """Where this process runs: ``rank`` / ``world_size`` of the job, ``gpu`` (local CUDA index, -1 on
+    CPU), ``distributed`` (a process group is initialised) and the ``device`` to compute on."""
+    rank: int
+    world_size: int
+    gpu: int
+    distributed: bool
+    device: torch.device
 
-    Initialises a process group only when a launcher asked for several processes (or set ``RANK``).
-    ``args.gpu`` is the local CUDA index, or -1 on CPU.
-    """
+
+def init_distributed(dist_url="env://"):
+    """Set up the process (and a process group when a launcher asked for several processes or set
+    ``RANK``) and return its :class:`DistributedInfo`; writes nothing into any ``args``."""
     use_cuda = torch.cuda.is_available()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        args.rank = _env_int("RANK")
-        args.world_size = _env_int("WORLD_SIZE")
+        rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
         local_rank = _env_int("LOCAL_RANK", 0)
     elif "SLURM_PROCID" in os.environ and _env_int("SLURM_NTASKS", 1) > 1:
-        args.rank = _env_int("SLURM_PROCID")
-        args.world_size = _env_int("SLURM_NTASKS")
-        local_rank = _env_int("SLURM_LOCALID", args.rank % max(torch.cuda.device_count(), 1))
+        rank, world_size = _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS")
+        local_rank = _env_int("SLURM_LOCALID", rank % max(torch.cuda.device_count(), 1))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(args.rank), str(args.world_size)
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
         os.environ["LOCAL_RANK"] = str(local_rank)
     else:
-        args.rank, args.world_size, local_rank = 0, 1, 0
+        rank, world_size, local_rank = 0, 1, 0
 
-    args.gpu = local_rank if use_cuda else -1
+    gpu = local_rank if use_cuda else -1
     if use_cuda:
-        torch.cuda.set_device(args.gpu)
-        args.device = torch.device("cuda", args.gpu)
+        torch.cuda.set_device(gpu)
+        device = torch.device("cuda", gpu)
     else:
-        args.device = torch.device("cpu")
-    args.distributed = args.world_size > 1 or "RANK" in os.environ
-    if not args.distributed:
+        device = torch.device("cpu")
+    distributed = world_size > 1 or "RANK" in os.environ
+    info = DistributedInfo(rank, world_size, gpu, distributed, device)
+    if not distributed:
         print("Will run the code on one " + ("GPU." if use_cuda else "CPU process."))
         setup_for_distributed(True)
-        return
+        return info
 
     backend = "nccl" if use_cuda else "gloo"
-    kwargs = dict(backend=backend, init_method=getattr(args, "dist_url", "env://"),
-                  world_size=args.world_size, rank=args.rank, timeout=datetime.timedelta(minutes=30))
+    kwargs = dict(backend=backend, init_method=dist_url or "env://", world_size=world_size, rank=rank,
+                  timeout=datetime.timedelta(minutes=30))
     if use_cuda:
-        kwargs["device_id"] = args.device
+        kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
-    print(f"| distributed init (rank {args.rank}, {backend}): {kwargs['init_method']}", flush=True)
+    print(f"| distributed init (rank {rank}, {backend}): {kwargs['init_method']}", flush=True)
     dist.barrier()
-    setup_for_distributed(args.rank == 0)
+    setup_for_distributed(rank == 0)
+    return info
+
+
+def init_distributed_mode(args):
+    """Official behaviour for ``utils`` users: :func:`init_distributed`, then set ``args.rank``,
+    ``args.world_size``, ``args.gpu`` (local CUDA index, or -1 on CPU), ``args.distributed`` and
+    ``args.device``. The pre-training driver keeps these in its run context instead."""
+    info = init_distributed(getattr(args, "dist_url", "env://"))
+    args.rank, args.world_size, args.gpu = info.rank, info.world_size, info.gpu
+    args.distributed, args.device = info.distributed, info.device
+    return info
 
 
 def init_distributed_once(args):
