@@ -13,6 +13,8 @@ from ibot.utils.misc import bool_flag, fix_random_seeds, get_sha
 from ibot.train.optim import (LARS, cancel_gradients_last_layer, clip_gradients, get_params_groups,
                         has_batchnorms)
 from ibot.eval.weights import load_pretrained_weights
+from ibot.eval.finetune import accuracy
+from ibot.eval.retrieval_metrics import PCA, compute_ap, compute_map
 from ibot.train.schedules import cosine_scheduler
 from ibot.models.wrapper import MultiCropWrapper
 
@@ -22,4 +24,5 @@ __all__ = [
     "is_main_process", "save_on_master", "setup_for_distributed", "MetricLogger", "SmoothedValue", "bool_flag",
     "fix_random_seeds", "get_sha", "LARS", "cancel_gradients_last_layer", "clip_gradients", "get_params_groups",
     "has_batchnorms", "load_pretrained_weights", "cosine_scheduler", "MultiCropWrapper",
+    "accuracy", "PCA", "compute_ap", "compute_map",
 ]

@@ -1,0 +1,1 @@
+"""ImageNet-9 background variations and the adversarial-backgrounds challenge."""

@@ -1,0 +1,1 @@
+"""ImageNet-C corruption errors and the unnormalised mCE."""

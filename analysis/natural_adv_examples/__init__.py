@@ -1,0 +1,1 @@
+"""ImageNet-A accuracy and calibration."""
