@@ -17,6 +17,8 @@ import sys
 # CI budget of the small-image recipe (the demo runs it for 5 epochs): 3 epochs = 279 steps, about 4
 # minutes on 2 cores; figures of the same budget in docs/small_image_recipe.md
 CI_EPOCHS = 3
+#: images per class of the data it trains on (train, val): the calibration set
+PER_CLASS = (300, 100)
 
 
 @dataclasses.dataclass
@@ -31,9 +33,10 @@ class PretrainedTeacher:
 
 
 def build_fmnist_300(root):
-    """32-px Fashion-MNIST, 300 train / 100 val images per class (the calibration set), into ``root``."""
+    """32-px Fashion-MNIST, 300 train / 100 val images per class (the calibration set), into ``root``
+    (for runs outside pytest; the tests get the folder from the ``fmnist_folder`` fixture)."""
     from ibot.data.fmnist import build_fmnist_folder
-    build_fmnist_folder(str(root), size=32, per_class_train=300, per_class_val=100)
+    build_fmnist_folder(str(root), size=32, per_class_train=PER_CLASS[0], per_class_val=PER_CLASS[1])
     return str(root)
 
 
@@ -60,9 +63,8 @@ def pretrain_fmnist_teacher(workdir, data=None, epochs=CI_EPOCHS):
     return PretrainedTeacher(os.path.join(out, "checkpoint.pth"), data, read_log(out))
 
 
-def reuse_fmnist_teacher(checkpoint, workdir):
-    """A :class:`PretrainedTeacher` for an existing ``checkpoint`` (data rebuilt under ``workdir``)."""
-    data = build_fmnist_300(os.path.join(workdir, "fmnist300"))
+def reuse_fmnist_teacher(checkpoint, data):
+    """A :class:`PretrainedTeacher` for an existing ``checkpoint`` trained on the folder ``data``."""
     return PretrainedTeacher(checkpoint, data, read_log(os.path.dirname(checkpoint)))
 
 

@@ -15,23 +15,19 @@ from ibot.models.wrapper import MultiCropWrapper
 pytestmark = [pytest.mark.filterwarnings(f"error::{w}:(analysis|ibot)")
               for w in ("DeprecationWarning", "FutureWarning", "UserWarning")]
 
-FMNIST_SRC = "/usr/share/datasets/fashion-mnist"
 COMMON = ["--arch", "vit_tiny", "--patch_size", "8"]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(fmnist_folder, tmp_path_factory):
     """Fashion-MNIST 32-px folder (2 train / 1 val image per class) and checkpoints of a ViT-Tiny/8."""
-    from ibot.data.fmnist import build_fmnist_folder
     root = tmp_path_factory.mktemp("analysis")
-    if not os.path.isdir(FMNIST_SRC):
-        pytest.skip("Fashion-MNIST package not installed")
-    build_fmnist_folder(str(root / "fm"), size=32, per_class_train=2, per_class_val=1)
+    fm = fmnist_folder(2, 1)
     mini = root / "mini"                      # 4 images in 2 classes, for the costlier loops
-    for c in sorted(os.listdir(root / "fm" / "train"))[:2]:
+    for c in sorted(os.listdir(fm / "train"))[:2]:
         os.makedirs(mini / c)
-        for f in sorted(os.listdir(root / "fm" / "train" / c))[:2]:
-            Image.open(root / "fm" / "train" / c / f).save(mini / c / f)
+        for f in sorted(os.listdir(fm / "train" / c))[:2]:
+            Image.open(fm / "train" / c / f).save(mini / c / f)
     torch.manual_seed(0)
     teacher = MultiCropWrapper(models.vit_tiny(patch_size=8, img_size=32),
                                models.iBOTHead(192, 64, patch_out_dim=64, shared_head=True))
@@ -42,7 +38,7 @@ def assets(tmp_path_factory):
                 "student": {"module." + k: v for k, v in student.state_dict().items()}, "epoch": 1}, full)
     backbone = root / "backbone.pth"
     torch.save({"state_dict": teacher.backbone.state_dict()}, backbone)
-    return {"root": root, "data": root / "fm", "mini": mini, "full": str(full), "backbone": str(backbone), "teacher": teacher,
+    return {"root": root, "data": fm, "mini": mini, "full": str(full), "backbone": str(backbone), "teacher": teacher,
             "student": student}
 
 

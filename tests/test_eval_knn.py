@@ -42,13 +42,8 @@ def test_knn_small_sets_and_cap():
 
 
 @pytest.fixture(scope="module")
-def fmnist_tiny(tmp_path_factory):
-    from ibot.data.fmnist import DEFAULT_SRC, build_fmnist_folder
-    if not os.path.isfile(os.path.join(DEFAULT_SRC, "train-images-idx3-ubyte.gz")):
-        pytest.skip("Fashion-MNIST not installed")
-    out = tmp_path_factory.mktemp("fmnist")
-    build_fmnist_folder(str(out), size=32, per_class_train=20, per_class_val=10)
-    return str(out)
+def fmnist_tiny(fmnist_folder):
+    return str(fmnist_folder(20, 10))
 
 
 def _args(data_path, *extra):

@@ -11,13 +11,8 @@ OFFICIAL = os.path.join(FIX, "official_checkpoint.pth")
 
 
 @pytest.fixture(scope="module")
-def fmnist_mini(tmp_path_factory):
-    from ibot.data.fmnist import DEFAULT_SRC, build_fmnist_folder
-    if not os.path.isfile(os.path.join(DEFAULT_SRC, "train-images-idx3-ubyte.gz")):
-        pytest.skip("Fashion-MNIST not installed")
-    out = tmp_path_factory.mktemp("fmnist_mini")
-    build_fmnist_folder(str(out), size=32, per_class_train=5, per_class_val=3)
-    return str(out)
+def fmnist_mini(fmnist_folder):
+    return str(fmnist_folder(5, 3))
 
 
 def _common(data, out, *extra):

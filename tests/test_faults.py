@@ -23,17 +23,16 @@ import main_ibot
 from ibot.utils import checkpoint as ckpt_mod
 from ibot.utils.checkpoint import CheckpointWriteError, UnsafeCheckpointError, atomic_save, safe_load
 from ibot.train.faults import ResumableSampler, StopOnSignal, capture_rng_state, restore_rng_state
+from tiny_models import tiny_pretrain_flags
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL_KEYS = {"student", "teacher", "optimizer", "epoch", "args", "ibot_loss"}
 
 
 def _flags(data, out, *extra, epochs=4):
-    return ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
-            "--out_dim", "64", "--patch_out_dim", "64", "--head_hidden_dim", "32", "--head_bottleneck_dim", "16",
-            "--data_path", str(data), "--output_dir", str(out), "--num_workers", "0",
-            "--batch_size_per_gpu", "16", "--drop_path", "0.1", "--epochs", str(epochs),
-            "--warmup_teacher_temp_epochs", "1", "--warmup_epochs", "1", "--print_freq", "1", *map(str, extra)]
+    return tiny_pretrain_flags(patch_out_dim=64, data_path=data, output_dir=out, batch_size_per_gpu=16,
+                               drop_path=0.1, epochs=epochs, warmup_teacher_temp_epochs=1, warmup_epochs=1,
+                               print_freq=1) + [str(e) for e in extra]
 
 
 def _main(argv):
@@ -84,12 +83,10 @@ def _all_finite(ck):
 
 
 @pytest.fixture(scope="module")
-def fm(tmp_path_factory):
+def fm(fmnist_folder, tmp_path_factory):
     """40 training images (2 iterations per epoch) and 16 (1 iteration, every image used)."""
-    from ibot.data.fmnist import build_fmnist_folder
-    root = tmp_path_factory.mktemp("fmnist_faults")
-    build_fmnist_folder(str(root), size=32, per_class_train=4, per_class_val=1)
-    small = root / "small"
+    root = fmnist_folder(4, 1)
+    small = tmp_path_factory.mktemp("fmnist_faults") / "small"
     small.mkdir()
     for k, d in enumerate(sorted((root / "train").iterdir())):
         (small / d.name).mkdir()

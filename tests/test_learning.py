@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
+from tiny_models import tiny_pretrain_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
-        "--local_crops_number", "0", "--out_dim", "64", "--shared_head", "true", "--head_hidden_dim", "64",
-        "--head_bottleneck_dim", "32", "--batch_size_per_gpu", "100", "--warmup_epochs", "0",
-        "--warmup_teacher_temp_epochs", "0", "--num_workers", "0", "--seed", "0"]
+TINY = tiny_pretrain_flags(local_crops_number=0, shared_head="true", head_hidden_dim=64, head_bottleneck_dim=32,
+                           batch_size_per_gpu=100, warmup_epochs=0, warmup_teacher_temp_epochs=0, seed=0)
 
 
 def _train(argv):

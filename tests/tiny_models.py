@@ -26,3 +26,22 @@ def register_tiny_arch(name, factory):
     finally:
         torch.set_num_threads(threads)
         unregister_model(name)
+
+
+#: The tiny pre-training recipe of the tests: vit_tiny/8 on 32-px images (16-px local crops), small
+#: heads, no loader workers. ``tiny_pretrain_flags`` adds or replaces flags on top of it.
+TINY_PRETRAIN = {"arch": "vit_tiny", "patch_size": 8, "global_crops_size": 32, "local_crops_size": 16,
+                 "out_dim": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16, "num_workers": 0}
+
+
+def tiny_pretrain_flags(**flags):
+    """``main_ibot.py`` command-line flags: :data:`TINY_PRETRAIN` updated with ``flags`` (``name=value``;
+    lists/tuples for several values, None drops a flag), in insertion order."""
+    values = {**TINY_PRETRAIN, **flags}
+    argv = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        argv.append(f"--{name}")
+        argv += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    return argv
