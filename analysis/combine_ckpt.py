@@ -15,10 +15,6 @@ robustness tools read.
 """
 import argparse
 import os
-import sys
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ibot.utils.checkpoint import atomic_save, safe_load
 from ibot.eval.weights import backbone_state_dict, select_state_dict

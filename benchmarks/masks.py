@@ -8,14 +8,11 @@ augmentation of one image. Usage: ``python benchmarks/masks.py [--n 20000] [--no
 """
 
 import argparse
-import os
 import random
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ibot.data.masking import MaskGenerator  # noqa: E402
+from ibot.data.masking import MaskGenerator
 
 SETTINGS = [
     # name, grid, pred_ratio, pred_ratio_var, shape

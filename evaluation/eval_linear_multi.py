@@ -19,40 +19,28 @@ Fixed official defects (§5 item 6): ``--sweep_lr_only`` is a real boolean flag;
 validated epochs (the official script reported the best head of the last epoch). ``--lr`` is ignored.
 Other differences: as in ``eval_linear.py``.
 """
+import argparse
 import copy
 import logging
-import os
-import sys
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from evaluation.eval_linear import HeadSpec, get_args_parser as _parser, run_linear, setup  # noqa: E402
-from ibot.utils.distributed import shutdown_distributed  # noqa: E402
+from ibot.eval.flags import backbone_parser, data_parser, features_parser, launch_parser, linear_probe_parser
+from ibot.eval.linear import head_specs, lr_grid, run_linear, setup_linear_run
+from ibot.utils.distributed import shutdown_distributed
 
 __all__ = ["lr_grid", "head_specs", "get_args_parser", "main"]
 
 
-def lr_grid():
-    """The official 45 base learning rates: 1e-4, 2e-4, ..., 9e-4, 1e-3, ..., 9 (ascending)."""
-    return [10 ** k * m for k in range(-4, 1) for m in range(1, 10)]
-
-
-def head_specs(sweep_lr_only=True):
-    """List of :class:`HeadSpec` in the official (lr, wd, optim) order (45 or 180 heads)."""
-    wds = [0.0] if sweep_lr_only else [0.0, 1e-6]
-    optims = ["sgd"] if sweep_lr_only else ["sgd", "lars"]
-    return [HeadSpec(lr, wd, o) for lr in lr_grid() for wd in wds for o in optims]
-
-
 def get_args_parser(add_help=True):
     """``eval_linear.py`` flags plus ``--sweep_lr_only``."""
-    return _parser(add_help=add_help, multi=True)
+    return argparse.ArgumentParser(
+        "Evaluation with linear classification on ImageNet", add_help=add_help,
+        parents=[backbone_parser(), features_parser(n_last_blocks=4), data_parser(image_sizes=True), launch_parser(),
+                 linear_probe_parser(multi=True)])
 
 
 def main(args):
     """Run the sweep for every key of ``args.checkpoint_key``. Returns ``{key: run_linear result}``."""
-    setup(args)
+    setup_linear_run(args)
     out = {}
     for key in [k.strip() for k in args.checkpoint_key.split(",") if k.strip()]:
         a = copy.deepcopy(args)

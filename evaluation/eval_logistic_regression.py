@@ -21,20 +21,17 @@ import argparse
 import copy
 import logging
 import os
-import sys
 import warnings
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import torch
 
-from evaluation.eval_knn import ARCHS, FEATURE_FILES, _dump_dir, _load_features, build_knn_loaders
-from ibot.utils.distributed import init_distributed_once, shutdown_distributed
-from ibot.eval.features import build_backbone, check_image_folder, dist_ready, extract_features
-from ibot.utils.misc import bool_flag, fix_random_seeds, print_run_header
-from ibot.eval.weights import load_pretrained_weights
+from ibot.eval.features import check_image_folder
+from ibot.eval.flags import backbone_parser, data_parser, features_parser, launch_parser
+from ibot.eval.knn import checkpoint_features, key_dump_dir
+from ibot.utils.distributed import (init_distributed_once, is_dist_avail_and_initialized, is_main_process,
+                                    shutdown_distributed)
+from ibot.utils.misc import bool_flag, print_run_header
 
 __all__ = ["get_args_parser", "main", "fit_logistic_regression"]
 
@@ -42,28 +39,16 @@ __all__ = ["get_args_parser", "main", "fit_logistic_regression"]
 def get_args_parser(add_help=True):
     """Official flags (``--lr_lambd``, ``--epochs``, ``--it0`` + the k-NN feature flags) plus
     ``--resize_size``, ``--crop_size``, ``--tol``, ``--seed``."""
-    p = argparse.ArgumentParser("Logistic regression on frozen features", add_help=add_help)
-    p.add_argument("--n_last_blocks", default=1, type=int)
-    p.add_argument("--avgpool_patchtokens", default=0, choices=[0, 1, 2], type=int)
-    p.add_argument("--batch_size_per_gpu", default=128, type=int)
+    p = argparse.ArgumentParser("Logistic regression on frozen features", add_help=add_help,
+                                parents=[backbone_parser(), features_parser(n_last_blocks=1),
+                                         data_parser(image_sizes=True), launch_parser()])
     p.add_argument("--lr_lambd", default=[0.01, 0.1, 1.0], nargs="+", type=float, help="L2 strengths λ")
     p.add_argument("--epochs", default=1000, type=int, help="max L-BFGS iterations (cyanure: max epochs)")
     p.add_argument("--it0", default=10, type=int, help="accepted for compatibility (cyanure duality-gap period)")
     p.add_argument("--tol", default=1e-4, type=float, help="scikit-learn tolerance")
-    p.add_argument("--pretrained_weights", default="", type=str)
     p.add_argument("--use_cuda", default=True, type=bool_flag)
-    p.add_argument("--arch", default="vit_small", type=str, choices=ARCHS)
-    p.add_argument("--patch_size", default=16, type=int)
-    p.add_argument("--window_size", default=7, type=int)
-    p.add_argument("--checkpoint_key", default="teacher", type=str)
     p.add_argument("--dump_features", default=None)
     p.add_argument("--load_features", default=None)
-    p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--dist_url", default="env://", type=str)
-    p.add_argument("--local_rank", "--local-rank", default=0, type=int)
-    p.add_argument("--data_path", default="/path/to/imagenet/", type=str)
-    p.add_argument("--resize_size", default=256, type=int)
-    p.add_argument("--crop_size", default=224, type=int)
     p.add_argument("--seed", default=0, type=int)
     return p
 
@@ -97,24 +82,13 @@ def fit_logistic_regression(train_features, train_labels, test_features, test_la
 
 
 def _features_for_key(args, device):
-    if args.load_features:
-        return _load_features(args.load_features)
-    train_loader, val_loader = build_knn_loaders(args.data_path, args.resize_size, args.crop_size,
-                                                 args.batch_size_per_gpu, args.num_workers)
-    fix_random_seeds(args.seed)
-    model = build_backbone(args.arch, args.patch_size, args.window_size, args.avgpool_patchtokens,
-                           img_size=args.crop_size)
-    load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
-    model.to(device).eval()
-    bank = torch.device("cpu") if not (args.use_cuda and torch.cuda.is_available()) else None
-    trf, trl = extract_features(model, train_loader, args.n_last_blocks, args.avgpool_patchtokens, device, bank)
-    tef, tel = extract_features(model, val_loader, args.n_last_blocks, args.avgpool_patchtokens, device, bank)
-    rank0 = not dist_ready() or torch.distributed.get_rank() == 0
-    if args.dump_features and rank0:
-        os.makedirs(args.dump_features, exist_ok=True)
-        for name, t in zip(FEATURE_FILES, (trf, tef, trl, tel)):
-            torch.save(t.cpu(), os.path.join(args.dump_features, name))
-    return trf, trl, tef, tel
+    features, _ = checkpoint_features(
+        args.pretrained_weights, args.data_path, arch=args.arch, patch_size=args.patch_size,
+        checkpoint_key=args.checkpoint_key, resize_size=args.resize_size, crop_size=args.crop_size,
+        batch_size=args.batch_size_per_gpu, num_workers=args.num_workers, n_last_blocks=args.n_last_blocks,
+        avgpool_patchtokens=args.avgpool_patchtokens, window_size=args.window_size, seed=args.seed,
+        use_cuda=args.use_cuda, device=device, load_features=args.load_features, dump_features=args.dump_features)
+    return features
 
 
 def main(args):
@@ -125,13 +99,13 @@ def main(args):
         for split in ("train", "val"):
             check_image_folder(os.path.join(args.data_path, split))
     keys = [k.strip() for k in args.checkpoint_key.split(",") if k.strip()]
-    rank0 = not dist_ready() or torch.distributed.get_rank() == 0
+    rank0 = is_main_process()
     out = {}
     for key in keys:
         a = copy.deepcopy(args)
         a.checkpoint_key = key
-        a.dump_features = _dump_dir(args.dump_features, key, keys)
-        a.load_features = _dump_dir(args.load_features, key, keys)
+        a.dump_features = key_dump_dir(args.dump_features, key, keys)
+        a.load_features = key_dump_dir(args.load_features, key, keys)
         trf, trl, tef, tel = _features_for_key(a, getattr(args, "device", torch.device("cpu")))
         if not rank0:
             continue
@@ -140,7 +114,7 @@ def main(args):
             acc = fit_logistic_regression(trf, trl, tef, tel, lambd, args.epochs, args.tol)
             out[key][lambd] = acc
             print(f"Logistic regression result (lambda {lambd}): Accuracy: {acc}")
-    if dist_ready():
+    if is_dist_avail_and_initialized():
         torch.distributed.barrier()
     return out
 

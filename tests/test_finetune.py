@@ -17,8 +17,9 @@ from evaluation.classification_layer_decay import modeling_finetune, run_class_f
 from evaluation.classification_layer_decay.optim_factory import create_optimizer, get_num_layer_for_vit
 from evaluation.semi_supervised import eval_cls as semi_eval_cls
 from ibot.utils.checkpoint import safe_load
-from ibot.eval.finetune import (GradScalerWithNorm, RASampler, cosine_scheduler, epoch_cosine_value,
-                           get_layer_id_for_swin, get_layer_id_for_vit, param_groups_layer_decay, train_one_epoch)
+from ibot.eval.finetune import GradScalerWithNorm, RASampler, epoch_cosine_value, train_one_epoch
+from ibot.eval.layer_decay import get_layer_id_for_swin, get_layer_id_for_vit, param_groups_layer_decay
+from ibot.train.schedules import cosine_scheduler
 from ibot.models.head import iBOTHead
 
 

@@ -2,12 +2,9 @@
 """Build a Fashion-MNIST ImageFolder tree: ``python tools/make_fmnist.py --out data/fmnist``."""
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ibot.data.fmnist import DEFAULT_SRC, build_fmnist_folder  # noqa: E402
+from ibot.data.fmnist import DEFAULT_SRC, build_fmnist_folder
 
 
 def main(argv=None):

@@ -22,19 +22,16 @@ printed. ``--video_format gif`` always uses Pillow. The frames stay on disk in e
 """
 import argparse
 import os
-import sys
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
 
-from analysis.common import VIT_ARCHS, build_vit, list_images, load_rgb, pick_device
+from ibot.eval.flags import backbone_parser, device_parser
 from ibot.viz.drawing import (IMAGENET_MEAN, IMAGENET_STD, cls_attention, colorize, crop_to_patch_multiple,
                             mass_threshold_mask, save_image, upsample_nearest)
+from ibot.viz.loading import build_vit, list_images, load_rgb, pick_device
 
 __all__ = ["get_args_parser", "frame_attention", "extract_frames", "write_video", "main"]
 
@@ -43,11 +40,8 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
 
 def get_args_parser():
     """Official flags (``--video_format`` also accepts ``gif``; + ``--device``, ``--save_masks``)."""
-    p = argparse.ArgumentParser("Generation self-attention video")
-    p.add_argument("--arch", default="vit_small", type=str, choices=VIT_ARCHS)
-    p.add_argument("--patch_size", default=8, type=int)
-    p.add_argument("--pretrained_weights", default="", type=str)
-    p.add_argument("--checkpoint_key", default="teacher", type=str)
+    p = argparse.ArgumentParser("Generation self-attention video", parents=[
+        backbone_parser(patch_size=8, window_size=None, family="vit"), device_parser()])
     p.add_argument("--input_path", required=True, type=str,
                    help="video file, folder of frames, or (--video_only) folder of attn-*.jpg")
     p.add_argument("--output_path", default="./", type=str)
@@ -57,7 +51,6 @@ def get_args_parser():
     p.add_argument("--fps", default=30.0, type=float)
     p.add_argument("--video_format", default="mp4", type=str, choices=["mp4", "avi", "gif"])
     p.add_argument("--save_masks", action="store_true", help="also write the mass-threshold mask per frame")
-    p.add_argument("--device", default=None, type=str)
     return p
 
 

@@ -24,18 +24,15 @@ error); the figure is composed with NumPy/Pillow (no display, deterministic size
 """
 import argparse
 import os
-import sys
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from analysis.common import VIT_ARCHS, build_vit, load_rgb, pick_device
 from ibot.eval.features import image_folder
+from ibot.eval.flags import backbone_parser, data_parser, device_parser
 from ibot.utils.misc import fix_random_seeds
+from ibot.viz.loading import build_vit, load_rgb, pick_device
 from ibot.viz.drawing import (IMAGENET_MEAN, IMAGENET_STD, attention_composite, cls_attention, colorize,
                             crop_to_patch_multiple, denormalize, hstack, mass_threshold_mask, save_image,
                             to_uint8, upsample_nearest)
@@ -45,22 +42,16 @@ __all__ = ["get_args_parser", "attention_maps", "render_attention", "main"]
 
 def get_args_parser():
     """Official flags (+ ``--composite_heads``, ``--device``, ``--num_workers``)."""
-    p = argparse.ArgumentParser("Visualize Self-Attention maps")
-    p.add_argument("--arch", default="vit_small", type=str, choices=VIT_ARCHS)
-    p.add_argument("--patch_size", default=8, type=int)
-    p.add_argument("--pretrained_weights", default="", type=str)
-    p.add_argument("--checkpoint_key", default="teacher", type=str)
+    p = argparse.ArgumentParser("Visualize Self-Attention maps", parents=[
+        backbone_parser(patch_size=8, window_size=None, family="vit"),
+        data_parser(data_path=None, batch_size=32, batch_flag="--batch_size", num_workers=0), device_parser()])
     p.add_argument("--image_path", default=None, type=str, help="a single image (else --data_path)")
-    p.add_argument("--data_path", default=None, type=str, help="ImageFolder root (class sub-folders)")
-    p.add_argument("--batch_size", default=32, type=int)
     p.add_argument("--image_size", default=(480, 480), type=int, nargs="+", help="resize (H W), aspect not kept")
     p.add_argument("--output_dir", default=".", type=str)
     p.add_argument("--show_pics", default=100, type=int, help="stop after this many images")
     p.add_argument("--threshold", type=float, default=0.6, help="share of attention mass kept per head")
     p.add_argument("--composite_heads", default=None, type=int, nargs="+",
                    help="heads of the colour composite (default: the first 6)")
-    p.add_argument("--num_workers", default=0, type=int)
-    p.add_argument("--device", default=None, type=str, help="default: cuda if available else cpu")
     return p
 
 

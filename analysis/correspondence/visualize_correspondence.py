@@ -37,10 +37,6 @@ evaluated (``--max_pairs`` limits it). Weights are loaded with :func:`ibot.pretr
 import argparse
 import os
 import random
-import sys
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import numpy as np
 import torch
@@ -50,11 +46,12 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from analysis.common import VIT_ARCHS, build_vit, pick_device
 from ibot.eval.features import image_folder
+from ibot.eval.flags import backbone_parser, data_parser, device_parser
 from ibot.utils.misc import bool_flag, fix_random_seeds
 from ibot.viz.drawing import (IMAGENET_MEAN, IMAGENET_STD, cls_attention, colorize, denormalize,
                             draw_correspondences, hstack, save_image, to_uint8, upsample_nearest)
+from ibot.viz.loading import build_vit, pick_device, vit_arch_choices
 
 __all__ = ["get_args_parser", "SameClassBatchSampler", "TwoViewDataset", "patch_centres", "view_geometry",
            "query_attention", "match_patches", "instance_accuracy", "main"]
@@ -63,13 +60,10 @@ __all__ = ["get_args_parser", "SameClassBatchSampler", "TwoViewDataset", "patch_
 def get_args_parser():
     """Official flags plus the offline attention source (``--attention_*``), ``--checkpoint_key``,
     ``--max_pairs``, ``--device``, ``--num_workers``."""
-    p = argparse.ArgumentParser("Visualize patch correspondences")
-    p.add_argument("--arch", default="vit_small", type=str, choices=VIT_ARCHS)
-    p.add_argument("--data_path", default="/path/to/imagenet/val", type=str)
-    p.add_argument("--pretrained_weights", default="", type=str)
-    p.add_argument("--checkpoint_key", default="teacher", type=str)
-    p.add_argument("--batch_size", default=2, type=int)
-    p.add_argument("--patch_size", default=16, type=int)
+    p = argparse.ArgumentParser("Visualize patch correspondences", parents=[
+        backbone_parser(patch_size=16, window_size=None, family="vit"),
+        data_parser(data_path="/path/to/imagenet/val", batch_size=2, batch_flag="--batch_size", num_workers=0),
+        device_parser()])
     p.add_argument("--img_size", default=224, type=int)
     p.add_argument("--output_path", default="pics/", type=str)
     p.add_argument("--topk", default=12, type=int)
@@ -81,12 +75,10 @@ def get_args_parser():
     p.add_argument("--attention_weights", default="", type=str,
                    help="local weights of the query 'attentioner' (official: DINO ViT-B/8, downloaded); "
                         "default: the evaluated model's own attention")
-    p.add_argument("--attention_arch", default="vit_base", type=str, choices=VIT_ARCHS)
+    p.add_argument("--attention_arch", default="vit_base", type=str, choices=vit_arch_choices())
     p.add_argument("--attention_patch_size", default=8, type=int)
     p.add_argument("--attention_key", default="teacher", type=str)
     p.add_argument("--max_pairs", default=None, type=int, help="stop after this many image pairs")
-    p.add_argument("--num_workers", default=0, type=int)
-    p.add_argument("--device", default=None, type=str)
     return p
 
 

@@ -40,10 +40,6 @@ same bank).
 import argparse
 import math
 import os
-import sys
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import numpy as np
 import torch
@@ -52,14 +48,14 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-import models
-from analysis.common import VIT_ARCHS, pick_device
-from ibot.utils.checkpoint import atomic_save, safe_load
 from ibot.eval.features import image_folder
+from ibot.eval.flags import backbone_parser, data_parser, device_parser
 from ibot.eval.weights import PretrainedWeightsError, select_state_dict, strip_prefixes
 from ibot.viz.drawing import IMAGENET_MEAN, IMAGENET_STD, image_grid, paste_box, patch_window_crop, save_image, \
     to_uint8
-from ibot.models.wrapper import MultiCropWrapper
+from ibot.models import MultiCropWrapper, create_backbone, iBOTHead
+from ibot.utils.checkpoint import atomic_save, safe_load
+from ibot.viz.loading import pick_device
 
 __all__ = ["get_args_parser", "build_model", "extract_memory_bank", "cluster_sizes", "select_patch_cluster",
            "select_cls_cluster", "main"]
@@ -67,14 +63,12 @@ __all__ = ["get_args_parser", "build_model", "extract_memory_bank", "cluster_siz
 
 def get_args_parser():
     """Official flags (+ ``--min_brightness``, ``--num_workers``, ``--device``)."""
-    p = argparse.ArgumentParser("Extract the top-k patches / images of the largest head clusters")
-    p.add_argument("--arch", default="vit_small", type=str, choices=VIT_ARCHS)
-    p.add_argument("--data_path", default="/path/to/imagenet/val", type=str)
+    p = argparse.ArgumentParser("Extract the top-k patches / images of the largest head clusters", parents=[
+        backbone_parser(patch_size=16, window_size=None, family="vit", pretrained_weights=False),
+        data_parser(data_path="/path/to/imagenet/val", batch_size=32, batch_flag="--batch_size", num_workers=0),
+        device_parser()])
     p.add_argument("--pretrained_path", default="", type=str)
-    p.add_argument("--checkpoint_key", default="teacher", type=str)
     p.add_argument("--save_path", default="", type=str, help="output directory")
-    p.add_argument("--batch_size", default=32, type=int)
-    p.add_argument("--patch_size", default=16, type=int)
     p.add_argument("--img_size", default=224, type=int)
     p.add_argument("--patch_window", default=5, type=int)
     p.add_argument("--out_dim", default=8192, type=int)
@@ -83,8 +77,6 @@ def get_args_parser():
     p.add_argument("--show_pics", default=100, type=int)
     p.add_argument("--chunks", default=16, type=int)
     p.add_argument("--min_brightness", default=40.0, type=float, help="skip patch crops with mean HSV V <= this")
-    p.add_argument("--num_workers", default=0, type=int)
-    p.add_argument("--device", default=None, type=str)
     return p
 
 
@@ -93,8 +85,7 @@ def build_model(args):
 
     Returns the wrapper in eval mode (random init, with a warning, when ``--pretrained_path`` is empty).
     """
-    backbone = getattr(models, args.arch)(patch_size=args.patch_size, img_size=args.img_size,
-                                          return_all_tokens=True)
+    backbone = create_backbone(args.arch, patch_size=args.patch_size, img_size=args.img_size, return_all_tokens=True)
     sd, ck_args = None, None
     if args.pretrained_path:
         ckpt = safe_load(args.pretrained_path)
@@ -119,7 +110,7 @@ def build_model(args):
     patch_dim = args.out_dim
     if not shared and ck_args is not None and getattr(ck_args, "patch_out_dim", None):
         patch_dim = ck_args.patch_out_dim
-    head = models.iBOTHead(backbone.embed_dim, args.out_dim, patch_out_dim=patch_dim, shared_head=shared, **kw)
+    head = iBOTHead(backbone.embed_dim, args.out_dim, patch_out_dim=patch_dim, shared_head=shared, **kw)
     model = MultiCropWrapper(backbone, head)
     if sd is None:
         print("WARNING: no --pretrained_path: the head and backbone are RANDOMLY initialised")

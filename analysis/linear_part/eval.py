@@ -15,30 +15,28 @@ last block output (dimension D).
 
 Differences from the official script: ``--reverse_top`` is a real boolean flag (the official
 ``type=bool`` turned "False" into True); the training, validation and checkpoint code is
-``evaluation/eval_linear.py``'s (CPU runs, sharded validation, optimiser/scheduler states restored on
+``ibot.eval.linear``'s, as for ``evaluation/eval_linear.py`` (CPU runs, sharded validation, optimiser/scheduler states restored on
 resume, best head over all epochs). run.sh's part-linear loop (topk 1, 7, 14, 56, 112, 196) should
 call this file (the official path ``eval_linear_part_multi.py`` does not exist).
 """
+import argparse
 import copy
 import json
 import logging
 import os
-import sys
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from evaluation.eval_linear import (LARS, build_linear_data, build_linear_heads, get_args_parser as _parser, setup,
-                                    train_one_epoch, validate)
-from evaluation.eval_linear_multi import head_specs
-from ibot.utils.checkpoint import atomic_save, safe_load
-from ibot.eval.features import build_backbone, dist_ready
-from ibot.utils.misc import bool_flag, fix_random_seeds
+from ibot.eval.features import build_backbone
+from ibot.eval.flags import backbone_parser, data_parser, features_parser, launch_parser, linear_probe_parser
+from ibot.eval.linear import (build_linear_data, build_linear_heads, head_specs, head_state_dict,
+                              load_head_state_dict, make_head_optimizer, setup_linear_run, train_heads_one_epoch,
+                              validate_heads)
 from ibot.eval.weights import load_pretrained_weights
+from ibot.utils.checkpoint import atomic_save, safe_load
+from ibot.utils.distributed import get_world_size, is_main_process
+from ibot.utils.misc import bool_flag, fix_random_seeds
 
 __all__ = ["PartFeatures", "get_args_parser", "run_part_linear", "main"]
 
@@ -81,16 +79,13 @@ class PartFeatures(nn.Module):
 
 def get_args_parser():
     """``eval_linear_multi`` flags plus ``--topk`` (4) and ``--reverse_top`` (false)."""
-    p = _parser(multi=True)
+    p = argparse.ArgumentParser(
+        "Evaluation with linear classification on ImageNet",
+        parents=[backbone_parser(), features_parser(n_last_blocks=4), data_parser(image_sizes=True), launch_parser(),
+                 linear_probe_parser(multi=True)])
     p.add_argument("--topk", default=4, type=int, help="number of most-attended patches averaged")
     p.add_argument("--reverse_top", default=False, type=bool_flag, help="take the least-attended patches")
     return p
-
-
-def _optimizer(head, spec, lr):
-    if spec.optim == "sgd":
-        return torch.optim.SGD(head.parameters(), lr, momentum=0.9, weight_decay=spec.wd)
-    return LARS(head.parameters(), lr=lr, weight_decay=spec.wd, momentum=0.9, eta=0.001)
 
 
 def run_part_linear(args):
@@ -99,8 +94,8 @@ def run_part_linear(args):
     Returns ``{'best_acc', 'best_epoch', 'best_head', 'best_config', 'feature_dim', 'num_labels'}``.
     """
     device = args.device
-    rank0 = (not dist_ready()) or dist.get_rank() == 0
-    world = dist.get_world_size() if dist_ready() else 1
+    rank0 = is_main_process()
+    world = get_world_size()
     fix_random_seeds(args.seed)
     train_loader, val_loader, num_labels = build_linear_data(args)
     backbone = build_backbone(args.arch, args.patch_size, args.window_size, avgpool_patchtokens=1,
@@ -112,10 +107,8 @@ def run_part_linear(args):
     dim = backbone.embed_dim
     specs = head_specs(args.sweep_lr_only)
     scale = args.batch_size_per_gpu * world / 256.0
-    heads, optimizers, schedulers = build_linear_heads(specs, dim, num_labels, device, scale, args.epochs, _optimizer)
-
-    def plain(h):
-        return h.module if isinstance(h, nn.parallel.DistributedDataParallel) else h
+    heads, optimizers, schedulers = build_linear_heads(specs, dim, num_labels, device, scale, args.epochs,
+                                                       make_head_optimizer)
 
     key = args.checkpoint_key
     ckpt_path = os.path.join(args.output_dir, f"checkpoint_{key}_linear.pth")
@@ -123,9 +116,7 @@ def run_part_linear(args):
     start = 0
     if args.load_from:
         state = safe_load(os.path.join(args.output_dir, args.load_from))
-        for i, h in enumerate(heads):
-            pre = f"{i}.module."
-            plain(h).load_state_dict({k[len(pre):]: v for k, v in state["state_dict"].items() if k.startswith(pre)})
+        load_head_state_dict(heads, state["state_dict"])
         for o, s in zip(optimizers, state["optimizers"]):
             o.load_state_dict(s)
         for sc, s in zip(schedulers, state["schedulers"]):
@@ -134,12 +125,12 @@ def run_part_linear(args):
     print(f"Part-wise probe: {args.arch}, top-{args.topk} {'least' if args.reverse_top else 'most'}-attended "
           f"patches, feature dim {dim}, {num_labels} labels, {len(specs)} heads")
     for epoch in range(start, args.epochs):
-        train_stats = train_one_epoch(model, heads, optimizers, train_loader, epoch, 1, 1, device)
+        train_stats = train_heads_one_epoch(model, heads, optimizers, train_loader, epoch, 1, 1, device)
         for sc in schedulers:
             sc.step()
         if not (epoch % args.val_freq == 0 or epoch == args.epochs - 1):
             continue
-        stats = validate(model, heads, val_loader, 1, 1, device, num_labels)
+        stats = validate_heads(model, heads, val_loader, 1, 1, device, num_labels)
         accs = [s["acc1"] for s in stats]
         hidx = max(range(len(accs)), key=lambda i: (accs[i], i))
         print(f"Epoch {epoch}: best head {hidx} ({specs[hidx].as_dict()}) top-1 {accs[hidx]:.2f}%")
@@ -151,8 +142,7 @@ def run_part_linear(args):
                 with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                     f.write(json.dumps(log) + "\n")
                 atomic_save({"epoch": epoch + 1,
-                             "state_dict": {f"{i}.module.{k}": v for i, h in enumerate(heads)
-                                            for k, v in plain(h).state_dict().items()},
+                             "state_dict": head_state_dict(heads),
                              "optimizers": [o.state_dict() for o in optimizers],
                              "schedulers": [s.state_dict() for s in schedulers],
                              "best_acc": best["best_acc"], "best_acc_hidx": hidx,
@@ -168,7 +158,7 @@ def run_part_linear(args):
 def main(argv=None):
     """Run for every key of ``--checkpoint_key`` (comma list). Returns ``{key: run_part_linear result}``."""
     args = get_args_parser().parse_args(argv)
-    setup(args)
+    setup_linear_run(args)
     out = {}
     for key in [k.strip() for k in args.checkpoint_key.split(",") if k.strip()]:
         a = copy.deepcopy(args)

@@ -11,11 +11,6 @@ column per masked crop: the de-normalised crop, its masked patches tinted orange
 drawn. The masked share of the batch (mean of all mask entries) is printed, with the share per crop.
 """
 import argparse
-import os
-import sys
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import numpy as np
 import torch

@@ -5,8 +5,9 @@
     python analysis/occlusion/eval.py ... --shuffle --shuffle_h 2 2 4 4 8 14 16 --shuffle_w 2 4 4 8 8 14 16
     python analysis/occlusion/eval.py ... --dino [--dino_weights dino_vits16.pth]
 
-Classifier: :mod:`analysis.imagenet_models` (``--linear_eval true``: backbone + ``linear`` from a
-:mod:`analysis.combine_ckpt` file; false: a fine-tuned ViT and its ``head``). Prediction = argmax of
+Classifier: :func:`ibot.eval.classifiers.build_classifier` (the official ``analysis/imagenet_models``;
+``--linear_eval true``: backbone + ``linear`` from an ``analysis/combine_ckpt.py`` file; false: a
+fine-tuned ViT and its ``head``). Prediction = argmax of
 the logits. Data: resize ``--scale_size`` (bilinear, bicubic with ``--bicubic_resize``), centre crop
 ``--img_size``, normalise (ImageNet mean/std, or 0.5 with ``--imagenet_default_color false``); the
 loader is shuffled; seeds are 1.
@@ -36,22 +37,19 @@ Results are printed and written to ``<output_dir>/occlusion_results.json``.
 import argparse
 import json
 import os
-import sys
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from analysis import imagenet_models
-from analysis.common import VIT_ARCHS, build_vit, pick_device
+from ibot.eval.classifiers import build_classifier, predict as classifier_predict
 from ibot.eval.features import image_folder
+from ibot.eval.flags import backbone_parser, data_parser, device_parser
 from ibot.utils.misc import bool_flag, fix_random_seeds
 from ibot.viz.drawing import (IMAGENET_MEAN, IMAGENET_STD, cls_attention, denormalize, image_grid,
                             mass_threshold_mask, save_image, to_uint8, upsample_nearest)
+from ibot.viz.loading import build_vit, pick_device, vit_arch_choices
 
 __all__ = ["get_args_parser", "random_cell_mask", "apply_pixel_mask", "shuffle_patches", "saliency_masks", "main"]
 
@@ -59,15 +57,13 @@ __all__ = ["get_args_parser", "random_cell_mask", "apply_pixel_mask", "shuffle_p
 def get_args_parser():
     """Official flags (the used ones and those parsed for compatibility) plus ``--dino_weights``,
     ``--dino_arch``, ``--dino_patch_size``, ``--dino_head``, ``--num_classes``, ``--output_dir``, ``--device``."""
-    p = argparse.ArgumentParser("Occlusion / shuffle robustness")
+    p = argparse.ArgumentParser("Occlusion / shuffle robustness", parents=[
+        backbone_parser(patch_size=16, window_size=None, family="vit", checkpoint_key=None, arch_flag="--model_name"),
+        data_parser(batch_size=1024, batch_flag="--batch_size", num_workers=0, with_data_path=False), device_parser()])
     p.add_argument("--test_data", default="/path/to/imagenet/val", type=str)
-    p.add_argument("--model_name", default="vit_small", type=str, choices=VIT_ARCHS)
-    p.add_argument("--pretrained_weights", default="", type=str)
     p.add_argument("--linear_eval", default=True, type=bool_flag)
-    p.add_argument("--patch_size", default=16, type=int)
     p.add_argument("--scale_size", default=256, type=int)
     p.add_argument("--img_size", default=224, type=int)
-    p.add_argument("--batch_size", default=1024, type=int)
     p.add_argument("--imagenet_default_color", default=True, type=bool_flag)
     p.add_argument("--bicubic_resize", default=False, type=bool_flag)
     p.add_argument("--random_drop", action="store_true")
@@ -86,13 +82,11 @@ def get_args_parser():
     p.add_argument("--test_image", action="store_true")
     p.add_argument("--dino_weights", default="", type=str,
                    help="local attentioner weights (official: DINO ViT-S/16, downloaded); default: own backbone")
-    p.add_argument("--dino_arch", default="vit_small", type=str, choices=VIT_ARCHS)
+    p.add_argument("--dino_arch", default="vit_small", type=str, choices=vit_arch_choices())
     p.add_argument("--dino_patch_size", default=16, type=int)
     p.add_argument("--dino_head", default=1, type=int)
     p.add_argument("--num_classes", default=None, type=int, help="default: from the checkpoint (else 1000)")
-    p.add_argument("--num_workers", default=0, type=int)
     p.add_argument("--output_dir", default=".", type=str)
-    p.add_argument("--device", default=None, type=str)
     return p
 
 
@@ -176,9 +170,8 @@ def main(argv=None):
                         shuffle=True, num_workers=args.num_workers, generator=torch.Generator().manual_seed(1))
     if not args.pretrained_weights:
         print("WARNING: no --pretrained_weights: evaluating a RANDOMLY initialised classifier")
-    model = getattr(imagenet_models, args.model_name)(args.pretrained_weights or None, patch_size=args.patch_size,
-                                                      linear_eval=args.linear_eval,
-                                                      num_classes=args.num_classes, img_size=args.img_size)
+    model = build_classifier(args.model_name, args.pretrained_weights or None, patch_size=args.patch_size,
+                             linear_eval=args.linear_eval, num_classes=args.num_classes, img_size=args.img_size)
     model.to(device).eval()
     attentioner = None
     if args.dino:
@@ -196,7 +189,7 @@ def main(argv=None):
     lambdas = [round(0.1 * k, 1) for k in range(1, 11)]
 
     def predict(x):
-        return imagenet_models.predict(model, x, args.linear_eval)
+        return classifier_predict(model, x, args.linear_eval)
 
     drop_modes = ([("random_drop", 0)] if args.random_drop else []) + \
                  ([("random_offset_drop", cell // 2)] if args.random_offset_drop else [])

@@ -7,13 +7,9 @@ dropped. The output is the flat dict (no ``state_dict`` wrapper). Raises if ther
 or the key is missing. Used by the ImageNet fine-tuning path.
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from ibot.utils.checkpoint import atomic_save  # noqa: E402
-from ibot.eval.export import ExportError, extract_backbone, load_entry  # noqa: E402
+from ibot.utils.checkpoint import atomic_save
+from ibot.eval.export import ExportError, extract_backbone, load_entry
 
 
 def get_args_parser():

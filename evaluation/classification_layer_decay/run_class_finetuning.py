@@ -38,11 +38,7 @@ import datetime
 import glob
 import os
 import re
-import sys
 import time
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch
 import torch.backends.cudnn as cudnn
@@ -52,18 +48,21 @@ from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IM
                                  IMAGENET_INCEPTION_STD)
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from ibot.eval import beit_vit
+from ibot.eval.finetune import (GradScalerWithNorm, barrier, build_finetune_transform, evaluate,
+                                load_checkpoint_for_resume, save_checkpoint, save_json_log, train_one_epoch)
+from ibot.eval.flags import data_parser, launch_parser
+from ibot.eval.layer_decay import create_layer_decay_optimizer
+from ibot.train.schedules import cosine_scheduler
 from ibot.utils import distributed as ibot_dist
-from ibot.eval.finetune import (GradScalerWithNorm, barrier, build_finetune_transform, cosine_scheduler, evaluate,
-                           load_checkpoint_for_resume, save_checkpoint, save_json_log, train_one_epoch)
 from ibot.utils.misc import fix_random_seeds, print_run_header
-from evaluation.classification_layer_decay import modeling_finetune
-from evaluation.classification_layer_decay.optim_factory import create_optimizer
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("BEiT-style fine-tuning with layer decay", add_help=False)
+    p = argparse.ArgumentParser("BEiT-style fine-tuning with layer decay", add_help=False, parents=[
+        data_parser(data_path="data/imagenet", batch_size=128, batch_flag="--batch_size", num_workers=10),
+        launch_parser(local_rank=-1)])
     # run
-    p.add_argument("--batch_size", default=128, type=int, help="per-GPU batch size")
     p.add_argument("--epochs", default=100, type=int)
     p.add_argument("--update_freq", default=1, type=int, help="gradient accumulation steps")
     p.add_argument("--save_ckpt_freq", default=100, type=int,
@@ -128,7 +127,6 @@ def get_args_parser():
     p.set_defaults(use_mean_pooling=True)
     p.add_argument("--use_cls", action="store_false", dest="use_mean_pooling")
     # data
-    p.add_argument("--data_path", default="data/imagenet", type=str)
     p.add_argument("--eval_data_path", default=None, type=str)
     p.add_argument("--nb_classes", default=0, type=int, help="0: from the data set")
     p.add_argument("--imagenet_default_mean_and_std", default=False, action="store_true")
@@ -147,7 +145,6 @@ def get_args_parser():
     p.add_argument("--start_epoch", default=0, type=int)
     p.add_argument("--eval", action="store_true", help="evaluation only")
     p.add_argument("--dist_eval", action="store_true", default=False)
-    p.add_argument("--num_workers", default=10, type=int)
     p.add_argument("--pin_mem", action="store_true")
     p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     p.set_defaults(pin_mem=True)
@@ -155,9 +152,7 @@ def get_args_parser():
     p.add_argument("--print_freq", default=10, type=int)
     # distributed
     p.add_argument("--world_size", default=1, type=int)
-    p.add_argument("--local_rank", "--local-rank", default=-1, type=int)
     p.add_argument("--dist_on_itp", action="store_true")
-    p.add_argument("--dist_url", default="env://")
     p.add_argument("--enable_deepspeed", action="store_true", default=False)
     return p
 
@@ -262,14 +257,14 @@ def main(args):
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=args.nb_classes)
 
-    model = modeling_finetune.create_model(
+    model = beit_vit.create_model(
         args.model, patch_size=args.patch_size, img_size=args.input_size, num_classes=args.nb_classes,
         drop_rate=args.drop, drop_path_rate=args.drop_path, attn_drop_rate=args.attn_drop_rate,
         use_mean_pooling=args.use_mean_pooling, init_scale=args.init_scale, use_rel_pos_bias=args.rel_pos_bias,
         use_abs_pos_emb=args.abs_pos_emb, learned_abs_pos_emb=args.learned_abs_pos_emb,
         init_values=args.layer_scale_init_value)
     if args.finetune:
-        modeling_finetune.load_finetune_checkpoint(model, args.finetune, args.model_key, args.model_prefix)
+        beit_vit.load_finetune_checkpoint(model, args.finetune, args.model_key, args.model_prefix)
     model.to(device)
 
     model_ema = None
@@ -303,8 +298,8 @@ def main(args):
     if layer_decay is not None:
         values = [args.layer_decay ** (num_layers + 1 - i) for i in range(num_layers + 2)]
         print(f"Assigned values = {values}")
-    optimizer = create_optimizer(args, model_without_ddp, layer_decay=layer_decay, skip_list=skip,
-                                 num_layers=num_layers)
+    optimizer = create_layer_decay_optimizer(args, model_without_ddp, layer_decay=layer_decay, skip_list=skip,
+                                             num_layers=num_layers)
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=True)

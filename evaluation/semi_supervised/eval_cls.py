@@ -34,21 +34,17 @@ Deviations from the reference (besides those of ``evaluation/eval_cls.py``):
 - the model's state dict is ``backbone.*`` + ``head.*``.
 """
 import argparse
-import os
-import sys
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch.nn.functional as F
 from torch import nn
 
-from evaluation import eval_cls
-from ibot.utils.checkpoint import safe_load
-from ibot.utils.distributed import shutdown_distributed
+from ibot.eval.transfer import (BackboneWithHead, build_finetune_backbone, new_linear_head, run_transfer,
+                                transfer_args_parser)
 from ibot.eval.weights import load_pretrained_weights, select_state_dict, strip_prefixes
 from ibot.models.head import weight_norm_linear
 from ibot.models.init import trunc_normal_init
+from ibot.utils.checkpoint import safe_load
+from ibot.utils.distributed import shutdown_distributed
 
 
 class ClassProjHead(nn.Module):
@@ -102,23 +98,25 @@ def load_head_weights(head, path, checkpoint_key):
 
 def build_model(args, nb_classes, checkpoint_key):
     """Backbone + head (attached and initialised first), then the pretrained weights."""
-    backbone, dim = eval_cls.build_backbone(args)
+    backbone, dim = build_finetune_backbone(args)
     if args.finetune_head_layer == 0:
-        head = eval_cls.new_linear_head(dim, nb_classes, args.init_scale)
+        head = new_linear_head(dim, nb_classes, args.init_scale)
     else:
         head = ClassProjHead(dim, nb_classes, out_dim=args.out_dim, finetune_head_layer=args.finetune_head_layer)
     load_pretrained_weights(backbone, args.pretrained_weights, checkpoint_key, args.arch, args.patch_size)
     if args.finetune_head_layer > 0 and args.pretrained_weights:
         load_head_weights(head, args.pretrained_weights, checkpoint_key)
-    return eval_cls.BackboneWithHead(backbone, head)
+    return BackboneWithHead(backbone, head)
 
 
 def get_args_parser():
-    return eval_cls.get_args_parser(semi=True)
+    """The DeiT recipe's flags with the semi-supervised defaults and head flags (a parent parser)."""
+    return transfer_args_parser(semi=True)
 
 
 def main(args):
-    return eval_cls.main(args, build_model_fn=build_model)
+    """Fine-tune every key of ``args.checkpoint_key`` with :func:`build_model`'s head."""
+    return run_transfer(args, build_model_fn=build_model)
 
 
 if __name__ == "__main__":

@@ -22,47 +22,31 @@ flags.
 import argparse
 import logging
 import os
-import sys
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch
-import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
-from ibot.utils.checkpoint import safe_load
 from ibot.eval.cluster_metrics import eval_pred
-from ibot.utils.distributed import init_distributed_once, shutdown_distributed
-from ibot.eval.features import (build_backbone, check_image_folder, dist_ready, eval_transform, image_folder,
-                           make_loader)
-from ibot.utils.misc import print_run_header
+from ibot.eval.features import build_backbone, check_image_folder, eval_transform, image_folder, make_loader
+from ibot.eval.flags import backbone_parser, data_parser, launch_parser
 from ibot.eval.weights import PretrainedWeightsError, load_pretrained_weights, select_state_dict, strip_prefixes
+from ibot.models import DINOHead
+from ibot.utils.checkpoint import safe_load
+from ibot.utils.distributed import (concat_all_gather, init_distributed_once, is_dist_avail_and_initialized,
+                                    shutdown_distributed)
+from ibot.utils.misc import print_run_header
 
 __all__ = ["eval_pred", "get_args_parser", "main", "load_head", "predict"]
-
-ARCHS = ["vit_tiny", "vit_small", "vit_base", "vit_large", "swin_tiny", "swin_small", "swin_base", "swin_large"]
 
 
 def get_args_parser(add_help=True):
     """Official flags plus ``--resize_size``, ``--crop_size`` and the head sizes."""
-    p = argparse.ArgumentParser("Unsupervised classification", add_help=add_help)
-    p.add_argument("--batch_size_per_gpu", default=128, type=int)
-    p.add_argument("--pretrained_weights", default="", type=str)
-    p.add_argument("--arch", default="vit_small", type=str, choices=ARCHS)
-    p.add_argument("--patch_size", default=16, type=int)
-    p.add_argument("--window_size", default=7, type=int)
-    p.add_argument("--checkpoint_key", default="teacher", type=str)
-    p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--data_path", default="/path/to/imagenet/", type=str, help="root with val/ (class folders)")
+    p = argparse.ArgumentParser("Unsupervised classification", add_help=add_help,
+                                parents=[backbone_parser(), data_parser(image_sizes=True), launch_parser()])
     p.add_argument("--out_dim", default=1000, type=int, help="output dimension of the [CLS] head")
     p.add_argument("--head_hidden_dim", default=2048, type=int)
     p.add_argument("--head_bottleneck_dim", default=256, type=int)
     p.add_argument("--head_nlayers", default=3, type=int)
-    p.add_argument("--resize_size", default=256, type=int)
-    p.add_argument("--crop_size", default=224, type=int)
-    p.add_argument("--dist_url", default="env://", type=str)
-    p.add_argument("--local_rank", "--local-rank", default=0, type=int)
     return p
 
 
@@ -103,14 +87,12 @@ def predict(backbone, head, loader, device):
     n = len(loader.dataset)
     labels = torch.full((n,), -1, dtype=torch.long)
     preds = torch.full((n,), -1, dtype=torch.long)
-    gather = dist_ready() and isinstance(loader.sampler, DistributedSampler)
+    gather = is_dist_avail_and_initialized() and isinstance(loader.sampler, DistributedSampler)
     for images, target, index in loader:
         logits = head(backbone(images.to(device)))
         out = torch.stack([logits.argmax(dim=1), target.to(device), index.to(device)], dim=1)
         if gather:
-            parts = [torch.empty_like(out) for _ in range(dist.get_world_size())]
-            dist.all_gather(parts, out.contiguous())
-            out = torch.cat(parts)
+            out = concat_all_gather(out)
         out = out.cpu()
         preds[out[:, 2]] = out[:, 0]
         labels[out[:, 2]] = out[:, 1]
@@ -121,7 +103,6 @@ def predict(backbone, head, loader, device):
 
 def main(args):
     """Score the head's argmax clustering on ``data_path/val``. Returns ``{"nmi", "ari", "fscore", "acc"}``."""
-    from ibot.models.head import DINOHead
     init_distributed_once(args)
     print_run_header(args)
     val_dir = os.path.join(args.data_path, "val")

@@ -24,12 +24,13 @@ import logging
 import os
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from ibot.models import arch_choices, create_backbone, is_model, model_family
+from ibot.utils.distributed import concat_all_gather, is_dist_avail_and_initialized, unwrap
+from ibot.utils.metric_logger import MetricLogger
 
 logger = logging.getLogger("ibot.eval.features")
 
@@ -39,19 +40,9 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 __all__ = ["build_backbone", "frozen_features", "feature_dim", "extract_features", "IndexedDataset",
            "eval_transform", "train_transform", "check_image_folder", "image_folder", "make_loader",
-           "unwrap", "dist_ready"]
+           "multiscale_features", "MULTISCALE_SCALES"]
 
-
-def dist_ready():
-    """True when a torch.distributed process group is initialised."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def unwrap(model):
-    """Return the module inside a DDP / DataParallel wrapper (or the model itself)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+MULTISCALE_SCALES = (1.0, 1 / 2 ** 0.5, 0.5)   # official multi-scale retrieval features
 
 
 def build_backbone(arch, patch_size=16, window_size=7, avgpool_patchtokens=0, img_size=224, **kwargs):
@@ -143,7 +134,7 @@ class IndexedDataset(Dataset):
 
 @torch.no_grad()
 def extract_features(model, loader, n_last_blocks=1, avgpool_patchtokens=0, device=None, bank_device=None,
-                     l2_normalize=True):
+                     l2_normalize=True, multiscale=False, feature_fn=None, print_freq=None, header=""):
     """Frozen features of a whole dataset, gathered across ranks.
 
     Args:
@@ -156,6 +147,9 @@ def extract_features(model, loader, n_last_blocks=1, avgpool_patchtokens=0, devi
         device: where the model runs (default: device of its parameters).
         bank_device: where the (N, d) result is kept (default: ``device``).
         l2_normalize: L2-normalise every row (k-NN / logistic regression convention).
+        multiscale: use :func:`multiscale_features` (retrieval) instead of :func:`frozen_features`.
+        feature_fn: optional ``fn(model, images) -> (B, d)`` replacing both (e.g. copy detection).
+        print_freq: print a progress line with an ETA every ``print_freq`` batches (``header`` first).
     Returns:
         (features, labels): (N, d) float tensor and (N,) int64 tensor on ``bank_device``, row i =
         sample i of ``loader.dataset`` (N = ``len(loader.dataset)``), identical on every rank.
@@ -164,25 +158,35 @@ def extract_features(model, loader, n_last_blocks=1, avgpool_patchtokens=0, devi
     if device is None:
         device = next(net.parameters()).device
     bank_device = device if bank_device is None else bank_device
-    distributed = dist_ready() and isinstance(loader.sampler, DistributedSampler)
+    distributed = is_dist_avail_and_initialized() and isinstance(loader.sampler, DistributedSampler)
     was_training = net.training
     net.eval()
     n_total = len(loader.dataset)
     features = labels = None
     seen = torch.zeros(n_total, dtype=torch.bool)
     offset = 0
-    for batch in loader:
+    if print_freq:
+        batches = MetricLogger(delimiter="  ").log_every(loader, print_freq, header)
+    else:
+        batches = loader
+    for batch in batches:
         images, targets = batch[0], batch[1]
         if len(batch) > 2:
             index = torch.as_tensor(batch[2])
         else:
             index = torch.arange(offset, offset + len(targets))
         offset += len(targets)
-        feats = frozen_features(net, images.to(device, non_blocking=True), n_last_blocks, avgpool_patchtokens)
+        images = images.to(device, non_blocking=True)
+        if feature_fn is not None:
+            feats = feature_fn(net, images)
+        elif multiscale:
+            feats = multiscale_features(net, images, n_last_blocks, avgpool_patchtokens)
+        else:
+            feats = frozen_features(net, images, n_last_blocks, avgpool_patchtokens)
         targets = torch.as_tensor(targets).to(device)
         index = index.to(device)
         if distributed:
-            feats, targets, index = (_all_gather(t) for t in (feats, targets, index))
+            feats, targets, index = (concat_all_gather(t) for t in (feats, targets, index))
         if features is None:
             features = torch.zeros(n_total, feats.shape[-1], dtype=feats.dtype, device=bank_device)
             labels = torch.full((n_total,), -1, dtype=torch.long, device=bank_device)
@@ -200,10 +204,16 @@ def extract_features(model, loader, n_last_blocks=1, avgpool_patchtokens=0, devi
     return features, labels
 
 
-def _all_gather(tensor):
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered, dim=0)
+def multiscale_features(model, images, n_last_blocks=1, avgpool_patchtokens=0, scales=MULTISCALE_SCALES):
+    """Mean of :func:`frozen_features` over bilinear rescalings of ``images`` (B, 3, H, W), each row then
+    divided by its L2 norm (official: the norm of the batch, the same for its batch size 1). Returns (B, d)."""
+    total = None
+    for s in scales:
+        x = images if s == 1 else nn.functional.interpolate(images, scale_factor=s, mode="bilinear",
+                                                           align_corners=False)
+        f = frozen_features(model, x, n_last_blocks, avgpool_patchtokens)
+        total = f if total is None else total + f
+    return nn.functional.normalize(total / len(scales), dim=-1, p=2)
 
 
 def eval_transform(resize_size=256, crop_size=224):
@@ -272,7 +282,7 @@ def make_loader(dataset, batch_size, num_workers=0, shuffle=False, distributed=N
         ``torch.utils.data.DataLoader``.
     """
     if distributed is None:
-        distributed = dist_ready()
+        distributed = is_dist_avail_and_initialized()
     sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if distributed else None
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()

@@ -3,192 +3,44 @@
 Used by ``evaluation/classification_layer_decay/run_class_finetuning.py`` (BEiT recipe),
 ``evaluation/eval_cls.py`` (DeiT transfer recipe) and ``evaluation/semi_supervised/eval_cls.py``:
 
-- layer ids and layer-wise lr decay parameter groups (``get_layer_id_for_vit``,
-  ``get_layer_id_for_swin``, ``LayerDecayValueAssigner``, ``param_groups_layer_decay``);
-- schedules: the per-step warm-up + cosine of the BEiT recipe (``cosine_scheduler``) and the
-  per-epoch warm-up + cosine of timm's ``CosineLRScheduler`` used by the DeiT recipe
-  (``epoch_cosine_value``);
+- layer ids, layer-wise lr decay parameter groups and the optimiser (``ibot.eval.layer_decay``,
+  re-exported here);
+- schedules: the per-step warm-up + cosine of the BEiT recipe (``ibot.train.schedules.cosine_scheduler``
+  with ``warmup_steps``, re-exported here) and the per-epoch warm-up + cosine of timm's
+  ``CosineLRScheduler`` used by the DeiT recipe (``epoch_cosine_value``);
 - ``RASampler`` (DeiT "repeated augmentation");
 - one training epoch (``train_one_epoch``) and one evaluation pass (``evaluate``), with native
-  ``torch.autocast`` + ``torch.amp.GradScaler`` instead of apex / DeepSpeed;
-- checkpoint helpers built on ``ibot.checkpoint.safe_load`` / ``atomic_save``.
+  ``torch.autocast`` (``ibot.utils.precision.autocast_context`` with a bool) + ``torch.amp.GradScaler``
+  instead of apex / DeepSpeed;
+- checkpoint helpers built on ``ibot.utils.checkpoint.safe_load`` / ``atomic_save``.
 """
 import json
 import math
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ibot.eval.layer_decay import (LayerDecayValueAssigner, create_layer_decay_optimizer, get_layer_id_for_swin,
+                                   get_layer_id_for_vit, param_groups_layer_decay)
+from ibot.train.schedules import cosine_scheduler
 from ibot.utils import distributed as ibot_dist
 from ibot.utils.checkpoint import atomic_save, safe_load
 from ibot.utils.metric_logger import MetricLogger, SmoothedValue
+from ibot.utils.precision import autocast_context
 
 __all__ = [
     "get_layer_id_for_vit", "get_layer_id_for_swin", "LayerDecayValueAssigner", "param_groups_layer_decay",
+    "create_layer_decay_optimizer",
     "cosine_scheduler", "epoch_cosine_value", "RASampler", "GradScalerWithNorm", "train_one_epoch",
-    "evaluate", "topk_accuracy", "strip_prefixes", "select_state_dict", "save_json_log",
-    "save_checkpoint", "load_checkpoint_for_resume", "autocast_context",
+    "evaluate", "accuracy", "topk_accuracy", "save_json_log", "save_checkpoint", "load_checkpoint_for_resume",
 ]
-
-# ---------------------------------------------------------------------------------------------
-# layer-wise lr decay
-# ---------------------------------------------------------------------------------------------
-
-_WRAPPER_PREFIXES = ("module.", "backbone.")
-
-
-def _strip_wrapper_prefix(name):
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
-    return name
-
-
-def get_layer_id_for_vit(name, num_layers):
-    """Official (BEiT) layer id of a ViT parameter; ``num_layers`` is the number of blocks L.
-
-    0: ``cls_token``, ``mask_token``, ``pos_embed``, ``patch_embed.*``; b+1: ``blocks.b.*``;
-    L+1: everything else (final norm, ``fc_norm``, head, shared ``rel_pos_bias``).
-    A leading ``module.`` / ``backbone.`` (DDP / wrapper) is ignored.
-    """
-    name = _strip_wrapper_prefix(name)
-    if name in ("cls_token", "mask_token", "pos_embed"):
-        return 0
-    if name.startswith("patch_embed"):
-        return 0
-    if name.startswith("rel_pos_bias"):
-        return num_layers + 1
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return num_layers + 1
-
-
-def get_layer_id_for_swin(name, depths):
-    """Official layer id of a Swin parameter (L = sum(depths)).
-
-    0: tokens / position embeddings / ``patch_embed``; ``layers.s.blocks.j`` → sum(depths[:s]) + j + 1;
-    ``layers.s.downsample`` counts as the stage's last block (sum(depths[:s+1])); else L+1.
-    """
-    name = _strip_wrapper_prefix(name)
-    num_layers = sum(depths)
-    if name in ("cls_token", "mask_token", "pos_embed", "absolute_pos_embed"):
-        return 0
-    if name.startswith("patch_embed"):
-        return 0
-    if name.startswith("layers."):
-        parts = name.split(".")
-        stage = int(parts[1])
-        if parts[2] == "blocks":
-            return sum(depths[:stage]) + int(parts[3]) + 1
-        if parts[2] == "downsample":
-            return sum(depths[:stage + 1])
-    return num_layers + 1
-
-
-class LayerDecayValueAssigner:
-    """``values[i] = layer_decay ** (num_layers + 1 - i)`` for i = 0..L+1 (the head gets scale 1)."""
-
-    def __init__(self, values, get_layer_id=None):
-        self.values = list(values)
-        self._get_layer_id = get_layer_id
-
-    @classmethod
-    def for_decay(cls, layer_decay, num_layers, get_layer_id=None):
-        return cls([layer_decay ** (num_layers + 1 - i) for i in range(num_layers + 2)], get_layer_id)
-
-    def get_scale(self, layer_id):
-        return self.values[layer_id]
-
-    def get_layer_id(self, name):
-        if self._get_layer_id is None:
-            return get_layer_id_for_vit(name, len(self.values) - 2)
-        return self._get_layer_id(name)
-
-
-def _is_no_decay(name, param, skip_list):
-    bare = _strip_wrapper_prefix(name)
-    return param.ndim <= 1 or name.endswith(".bias") or name in skip_list or bare in skip_list
-
-
-def param_groups_layer_decay(model, weight_decay=0.05, skip_list=(), layer_decay=None, num_layers=None,
-                             get_layer_id=None):
-    """Parameter groups of the official ``get_parameter_groups`` (BEiT ``optim_factory``).
-
-    - no weight decay for 1-D parameters (norms, biases), names ending in ``.bias`` and names in
-      ``skip_list`` (the model's ``no_weight_decay()``: ``pos_embed``, ``cls_token``);
-    - with ``layer_decay`` (< 1 or not None), one group per (layer id, decay/no_decay), keyed
-      ``layer_<id>_{decay|no_decay}`` and carrying ``lr_scale = layer_decay ** (L + 1 - id)``;
-      without it, two groups (``decay`` / ``no_decay``) with ``lr_scale`` 1.
-
-    Frozen parameters are skipped. Returns a list of dicts for ``torch.optim`` (each also holds
-    ``group_name`` and ``param_names`` — extra keys are kept by torch optimisers).
-    """
-    skip_list = set(skip_list or ())
-    assigner = None
-    if layer_decay is not None:
-        if get_layer_id is None:
-            if num_layers is None:
-                num_layers = len(getattr(model, "blocks", []))
-            assigner = LayerDecayValueAssigner.for_decay(
-                layer_decay, num_layers, lambda n: get_layer_id_for_vit(n, num_layers))
-        else:
-            if num_layers is None:
-                raise ValueError("num_layers is required with a custom get_layer_id")
-            assigner = LayerDecayValueAssigner.for_decay(layer_decay, num_layers, get_layer_id)
-    groups = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if _is_no_decay(name, param, skip_list):
-            kind, wd = "no_decay", 0.0
-        else:
-            kind, wd = "decay", weight_decay
-        if assigner is not None:
-            layer_id = assigner.get_layer_id(name)
-            group_name = f"layer_{layer_id}_{kind}"
-            scale = assigner.get_scale(layer_id)
-        else:
-            group_name, scale = kind, 1.0
-        if group_name not in groups:
-            groups[group_name] = {"group_name": group_name, "weight_decay": wd, "lr_scale": scale,
-                                  "params": [], "param_names": []}
-        groups[group_name]["params"].append(param)
-        groups[group_name]["param_names"].append(name)
-    return list(groups.values())
-
 
 # ---------------------------------------------------------------------------------------------
 # schedules
 # ---------------------------------------------------------------------------------------------
-
-def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0.0,
-                     warmup_steps=-1):
-    """Per-step schedule of the BEiT recipe: linear warm-up from ``start_warmup_value`` to
-    ``base_value`` over ``warmup_epochs * niter_per_ep`` steps (or ``warmup_steps`` when > 0), then a
-    half cosine from ``base_value`` towards ``final_value`` over the remaining steps.
-
-    Returns a float64 array of length ``epochs * niter_per_ep``.
-    """
-    total = int(epochs * niter_per_ep)
-    warmup_iters = int(warmup_epochs * niter_per_ep)
-    if warmup_steps is not None and warmup_steps > 0:
-        warmup_iters = int(warmup_steps)
-    warmup_iters = min(warmup_iters, total)
-    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
-    iters = np.arange(total - warmup_iters)
-    n = max(len(iters), 1)
-    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / n))
-    schedule = np.concatenate((warmup, cosine)).astype(np.float64)
-    assert len(schedule) == total
-    return schedule
-
 
 def epoch_cosine_value(epoch, base_value, final_value, epochs, warmup_epochs=0, warmup_value=1e-6):
     """Value of timm's ``CosineLRScheduler`` (one cycle, ``t_initial=epochs``, no warm-up prefix) at
@@ -252,13 +104,6 @@ class RASampler(torch.utils.data.Sampler):
 # ---------------------------------------------------------------------------------------------
 # training / evaluation loops
 # ---------------------------------------------------------------------------------------------
-
-def autocast_context(device, enabled):
-    """``torch.autocast`` for ``device`` (fp16 on CUDA); a disabled context on CPU unless asked."""
-    device_type = device.type if isinstance(device, torch.device) else str(device)
-    dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device_type, dtype=dtype, enabled=bool(enabled))
-
 
 class GradScalerWithNorm:
     """Native replacement of the official ``NativeScalerWithGradNormCount`` (apex-free).
@@ -381,12 +226,18 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, los
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
-def topk_accuracy(output, target, topk=(1,)):
-    """Top-k accuracies in percent (list of floats) for integer targets."""
+def accuracy(output, target, topk=(1,)):
+    """Official ``utils.accuracy``: top-k accuracies of logits (B, C) for targets (B,), in percent, as a
+    list of 0-dim tensors. A k larger than C counts the top C (the official code fails there)."""
     maxk = min(max(topk), output.shape[1])
     _, pred = output.topk(maxk, 1, True, True)
     correct = pred.t().eq(target.reshape(1, -1).expand_as(pred.t()))
-    return [correct[:min(k, maxk)].reshape(-1).float().sum().item() * 100.0 / target.shape[0] for k in topk]
+    return [correct[:min(k, maxk)].reshape(-1).float().sum(0) * 100.0 / target.shape[0] for k in topk]
+
+
+def topk_accuracy(output, target, topk=(1,)):
+    """Top-k accuracies in percent (list of floats) for integer targets (:func:`accuracy` as floats)."""
+    return [a.item() for a in accuracy(output, target, topk)]
 
 
 @torch.no_grad()
@@ -418,33 +269,6 @@ def evaluate(data_loader, model, device, use_amp=True, print_freq=10):
 # ---------------------------------------------------------------------------------------------
 # checkpoints and logs
 # ---------------------------------------------------------------------------------------------
-
-def strip_prefixes(state_dict, prefixes=("module.", "backbone.")):
-    """Remove leading wrapper prefixes (``module.``, ``backbone.``) from every key, repeatedly."""
-    out = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in prefixes:
-                if prefix and key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
-    return out
-
-
-def select_state_dict(checkpoint, keys):
-    """First of ``keys`` present at the top level of ``checkpoint`` (a dict), else the whole dict.
-
-    Returns ``(state_dict, key_used_or_None)``.
-    """
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f"expected a dict checkpoint, got {type(checkpoint).__name__}")
-    for key in keys:
-        if key and key in checkpoint and isinstance(checkpoint[key], dict):
-            return checkpoint[key], key
-    return checkpoint, None
-
 
 def save_json_log(output_dir, stats):
     """Append one JSON line to ``output_dir/log.txt`` (rank 0 only)."""

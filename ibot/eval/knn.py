@@ -13,18 +13,27 @@ Fixed defects of the official code (evaluation.md §5, items 1–2):
   by class index (stable sort), which only matters for zero-score classes when k < 5.
 
 ``run_knn(model, train_loader, val_loader, nb_knn, T, ...)`` is the whole protocol (feature
-extraction on every rank, gathering, L2 normalisation, classification) as used by
-``evaluation/eval_knn.py`` and by the pre-training loop.
+extraction on every rank, gathering, L2 normalisation, classification); ``knn_for_checkpoint`` runs it
+on a checkpoint file and a data folder (with the ``--dump_features`` / ``--load_features`` files), for
+``evaluation/eval_knn.py``, the pre-training loop (``build_knn_loaders``) and the demo report.
 """
 import logging
+import os
 
 import torch
 
-from ibot.eval.features import extract_features
+from ibot.eval.features import (build_backbone, check_image_folder, eval_transform, extract_features, image_folder,
+                                make_loader)
+from ibot.eval.weights import load_pretrained_weights
+from ibot.utils.checkpoint import safe_load
+from ibot.utils.distributed import is_main_process
+from ibot.utils.misc import fix_random_seeds
 
 logger = logging.getLogger("ibot.eval.knn")
 
-__all__ = ["knn_classifier", "run_knn", "num_classes_of"]
+__all__ = ["knn_classifier", "run_knn", "num_classes_of", "FEATURE_FILES", "build_knn_loaders", "key_dump_dir",
+           "load_feature_dump", "save_feature_dump", "frozen_backbone", "checkpoint_features", "knn_for_checkpoint",
+           "compare_trained_vs_random"]
 
 
 @torch.no_grad()
@@ -139,3 +148,133 @@ def run_knn(model, train_loader, val_loader, nb_knn=(10, 20, 100, 200), T=0.07, 
     if return_features:
         return results, (train_features, train_labels, test_features, test_labels)
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# the k-NN protocol on a checkpoint and a data folder (eval_knn.py, eval_logistic_regression.py,
+# the periodic k-NN of pre-training and the demo report all use these)
+# ---------------------------------------------------------------------------------------------
+
+# the four files of ``--dump_features`` / ``--load_features`` (official names)
+FEATURE_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")
+
+
+def build_knn_loaders(data_path, resize_size=256, crop_size=224, batch_size=128, num_workers=10):
+    """Non-shuffling ``(image, label, index)`` loaders over ``data_path/train`` and ``data_path/val``.
+
+    Both folders are checked first (error naming the folder). Sharded with a ``DistributedSampler``
+    when a process group is up. Returns ``(train_loader, val_loader)``; images are
+    (3, crop_size, crop_size) tensors after the official evaluation transform.
+    """
+    for split in ("train", "val"):
+        check_image_folder(os.path.join(data_path, split))
+    tf = eval_transform(resize_size, crop_size)
+    train = image_folder(os.path.join(data_path, "train"), tf)
+    val = image_folder(os.path.join(data_path, "val"), tf)
+    if train.classes != val.classes:
+        raise ValueError(f"train/ and val/ of {data_path} have different class folders: "
+                         f"{train.classes} vs {val.classes}")
+    return (make_loader(train, batch_size, num_workers), make_loader(val, batch_size, num_workers))
+
+
+def key_dump_dir(folder, key, keys):
+    """Dump folder of checkpoint key ``key``: ``folder`` itself for one key, ``folder/<key>`` for several."""
+    return folder if (folder is None or len(keys) == 1) else os.path.join(folder, key)
+
+
+def load_feature_dump(folder):
+    """Read the four :data:`FEATURE_FILES` of ``folder`` (error naming the missing ones).
+
+    Returns ``(train_features (N, d), train_labels (N,) int64, test_features (M, d), test_labels (M,))``.
+    """
+    missing = [f for f in FEATURE_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise FileNotFoundError(f"--load_features {folder}: missing {missing}")
+    tensors = [safe_load(os.path.join(folder, f)) for f in FEATURE_FILES]
+    print(f"Features loaded from {folder}")
+    return tensors[0], tensors[2].long(), tensors[1], tensors[3].long()
+
+
+def save_feature_dump(folder, train_features, train_labels, test_features, test_labels):
+    """Write the four :data:`FEATURE_FILES` (CPU tensors) into ``folder`` (created if needed)."""
+    os.makedirs(folder, exist_ok=True)
+    for name, t in zip(FEATURE_FILES, (train_features, test_features, train_labels, test_labels)):
+        torch.save(t.cpu(), os.path.join(folder, name))
+    print(f"Features dumped to {folder}")
+
+
+def frozen_backbone(arch="vit_small", patch_size=16, window_size=7, avgpool_patchtokens=0, img_size=224,
+                    pretrained_weights="", checkpoint_key="teacher", seed=0, device=None):
+    """Registry backbone for frozen-feature protocols: seeded random init (``seed``), then the weights
+    of ``pretrained_weights[checkpoint_key]`` ('' keeps the random init), on ``device``, in eval mode."""
+    fix_random_seeds(seed)
+    model = build_backbone(arch, patch_size, window_size, avgpool_patchtokens, img_size=img_size)
+    print(f"Model {arch} {patch_size}x{patch_size} built.")
+    load_pretrained_weights(model, pretrained_weights, checkpoint_key, arch, patch_size)
+    return model.to(device or torch.device("cpu")).eval()
+
+
+def checkpoint_features(pretrained_weights, data_path, arch="vit_small", patch_size=16, checkpoint_key="teacher",
+                        resize_size=256, crop_size=224, batch_size=128, num_workers=0, n_last_blocks=1,
+                        avgpool_patchtokens=0, window_size=7, seed=0, use_cuda=True, device=None,
+                        load_features=None, dump_features=None):
+    """L2-normalised frozen features of ``data_path/train`` and ``data_path/val`` for one checkpoint
+    (``''`` = random init), shared by the k-NN and the logistic-regression protocols.
+
+    ``load_features``: folder of a previous dump (the data and the model are then not touched);
+    ``dump_features``: folder where rank 0 writes the four :data:`FEATURE_FILES`. ``use_cuda`` keeps
+    the feature bank on the GPU (when there is one), else on the CPU.
+    Returns ``((train_features (N, d), train_labels (N,), test_features (M, d), test_labels (M,)),
+    num_classes)``; identical on every rank.
+    """
+    if load_features:
+        features = load_feature_dump(load_features)
+        print("Using loaded features.")
+        return features, int(max(features[1].max(), features[3].max())) + 1
+    use_cuda = bool(use_cuda) and torch.cuda.is_available()
+    if device is None:
+        device = torch.device("cuda" if use_cuda else "cpu")
+    train_loader, val_loader = build_knn_loaders(data_path, resize_size, crop_size, batch_size, num_workers)
+    print(f"Data loaded with {len(train_loader.dataset)} train and {len(val_loader.dataset)} val imgs.")
+    model = frozen_backbone(arch, patch_size, window_size, avgpool_patchtokens, crop_size, pretrained_weights,
+                            checkpoint_key, seed, device)
+    print("Extracting features...")
+    bank = None if use_cuda else torch.device("cpu")
+    train_f, train_l = extract_features(model, train_loader, n_last_blocks, avgpool_patchtokens, device, bank)
+    test_f, test_l = extract_features(model, val_loader, n_last_blocks, avgpool_patchtokens, device, bank)
+    features = (train_f, train_l, test_f, test_l)
+    if dump_features and is_main_process():
+        save_feature_dump(dump_features, *features)
+    return features, num_classes_of(train_loader.dataset, train_l, test_l)
+
+
+def knn_for_checkpoint(pretrained_weights, data_path, arch="vit_small", patch_size=16, checkpoint_key="teacher",
+                       nb_knn=(20,), temperature=0.07, resize_size=256, crop_size=224, batch_size=128,
+                       num_workers=0, n_last_blocks=1, avgpool_patchtokens=0, window_size=7, seed=0,
+                       use_cuda=True, device=None, load_features=None, dump_features=None):
+    """k-NN accuracies of one checkpoint (``''`` = random init) on ``data_path/{train,val}``, in the
+    current process (the existing process group, if any, shards the extraction); features as in
+    :func:`checkpoint_features`. Prints the official result lines.
+
+    Returns ``{k: {"top1": float, "top5": float}}`` (percent) for every k of ``nb_knn``.
+    """
+    use_cuda = bool(use_cuda) and torch.cuda.is_available()
+    features, num_classes = checkpoint_features(
+        pretrained_weights, data_path, arch, patch_size, checkpoint_key, resize_size, crop_size, batch_size,
+        num_workers, n_last_blocks, avgpool_patchtokens, window_size, seed, use_cuda, device, load_features,
+        dump_features)
+    print("Features are ready!\nStart the k-NN classification.")
+    results = run_knn(None, None, None, nb_knn, temperature, use_cuda=use_cuda, num_classes=num_classes,
+                      features=features, verbose=True)
+    return results
+
+
+def compare_trained_vs_random(pretrained_weights, data_path, k=20, **kwargs):
+    """Top-1 k-NN accuracy (percent) of a checkpoint and of the same architecture at random init.
+
+    ``kwargs`` go to :func:`knn_for_checkpoint` (arch, patch_size, checkpoint_key, resize_size,
+    crop_size...). Returns ``{"trained": float, "random": float, "gain": trained - random, "k": k}``.
+    """
+    trained = knn_for_checkpoint(pretrained_weights, data_path, nb_knn=(k,), **kwargs)[k]["top1"]
+    random_init = knn_for_checkpoint("", data_path, nb_knn=(k,), **kwargs)[k]["top1"]
+    return {"trained": trained, "random": random_init, "gain": trained - random_init, "k": k}

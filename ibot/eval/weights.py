@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from ibot.utils.checkpoint import safe_load
+from ibot.utils.distributed import unwrap
 
 logger = logging.getLogger("ibot.eval.weights")
 
-__all__ = ["PretrainedWeightsError", "load_pretrained_weights", "select_state_dict",
-           "strip_prefixes", "backbone_state_dict", "resize_pos_embed", "WRAPPER_KEYS"]
+__all__ = ["PretrainedWeightsError", "load_pretrained_weights", "select_state_dict", "state_dict_by_model_key",
+           "strip_key_prefixes", "strip_prefixes", "backbone_state_dict", "resize_pos_embed", "WRAPPER_KEYS"]
 
 # keys under which a state dict may sit inside a checkpoint file, in auto-detection order
 WRAPPER_KEYS = ("state_dict", "model", "module", "teacher", "student")
@@ -115,6 +116,34 @@ def select_state_dict(checkpoint, checkpoint_key=None, source="checkpoint"):
     return node, ("[" + "][".join(repr(p) for p in path) + "]") if path else "(top level)"
 
 
+def state_dict_by_model_key(checkpoint, keys):
+    """The official fine-tuning rule (``--model_key 'model|module'``): the first of ``keys`` whose entry
+    at the top level of ``checkpoint`` (a dict) is a dict, else the whole checkpoint. Unlike
+    :func:`select_state_dict` it neither descends into wrappers nor raises for a missing key.
+
+    Returns ``(state_dict, key_used_or_None)``.
+    """
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"expected a dict checkpoint, got {type(checkpoint).__name__}")
+    for key in keys:
+        if key and key in checkpoint and isinstance(checkpoint[key], dict):
+            return checkpoint[key], key
+    return checkpoint, None
+
+
+def strip_key_prefixes(key, prefixes):
+    """``key`` without the ``prefixes`` at its START, removed repeatedly and in any order (empty prefixes
+    are ignored): ``'module.backbone.blocks.0.module.x'`` -> ``'blocks.0.module.x'``."""
+    changed = True
+    while changed:
+        changed = False
+        for p in prefixes:
+            if p and key.startswith(p):
+                key = key[len(p):]
+                changed = True
+    return key
+
+
 def strip_prefixes(state_dict, prefixes=("module.", "_orig_mod.", "backbone.")):
     """Remove wrapper prefixes from the START of every key (repeatedly, in any order).
 
@@ -126,14 +155,7 @@ def strip_prefixes(state_dict, prefixes=("module.", "_orig_mod.", "backbone.")):
     """
     out = {}
     for key, value in state_dict.items():
-        new = key
-        changed = True
-        while changed:
-            changed = False
-            for p in prefixes:
-                if new.startswith(p):
-                    new = new[len(p):]
-                    changed = True
+        new = strip_key_prefixes(key, prefixes)
         if new in out:
             raise PretrainedWeightsError(f"two checkpoint keys map to {new!r} after removing prefixes")
         out[new] = value
@@ -166,32 +188,33 @@ def backbone_state_dict(state_dict):
     return backbone, dropped
 
 
-def resize_pos_embed(pos_embed, new_num_patches, num_extra_tokens=1):
-    """Resize a ViT position embedding to a new square patch grid (bicubic).
+def resize_pos_embed(pos_embed, new_num_patches, num_extra_tokens=1, new_grid=None):
+    """Resize a ViT position embedding to a new patch grid (bicubic).
 
     Args:
         pos_embed: (1, num_extra_tokens + N_old, D) with N_old a perfect square.
-        new_num_patches: N_new (a perfect square).
+        new_num_patches: N_new (a perfect square unless ``new_grid`` is given).
         num_extra_tokens: leading tokens kept as they are (1 for the [CLS] token).
+        new_grid: optional (h, w) target grid with h * w = N_new (non-square dense backbones).
     Returns:
         (1, num_extra_tokens + N_new, D) tensor of the same dtype.
     """
     extra = pos_embed[:, :num_extra_tokens]
     grid = pos_embed[:, num_extra_tokens:]
     old = int(round(math.sqrt(grid.shape[1])))
-    new = int(round(math.sqrt(new_num_patches)))
-    if old * old != grid.shape[1] or new * new != new_num_patches:
+    if new_grid is None:
+        new = int(round(math.sqrt(new_num_patches)))
+        new_grid = (new, new)
+    new_grid = tuple(int(g) for g in new_grid)
+    if old * old != grid.shape[1] or new_grid[0] * new_grid[1] != new_num_patches:
         raise PretrainedWeightsError(
-            f"cannot resize pos_embed: {grid.shape[1]} -> {new_num_patches} patches is not square to square")
+            f"cannot resize pos_embed: {grid.shape[1]} -> {new_num_patches} patches is not square to "
+            f"a {new_grid[0]}x{new_grid[1]} grid")
     dim = grid.shape[-1]
     grid = grid.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, dim).to(pos_embed.dtype)
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
     return torch.cat([extra, grid], dim=1)
-
-
-def _unwrap_model(model):
-    return model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
 
 
 def _is_benign_missing(key, model_sd, ckpt_sd):
@@ -227,7 +250,7 @@ def load_pretrained_weights(model, pretrained_weights, checkpoint_key="teacher",
         FileNotFoundError (missing file), ibot.checkpoint.UnsafeCheckpointError (file needs
         unpickling of arbitrary objects), PretrainedWeightsError (bad key, wrong architecture).
     """
-    arch = f"{model_name or type(_unwrap_model(model)).__name__}" + (f"/{patch_size}" if patch_size else "")
+    arch = f"{model_name or type(unwrap(model)).__name__}" + (f"/{patch_size}" if patch_size else "")
     if not pretrained_weights:
         logger.warning("no pretrained weights given (--pretrained_weights is empty): evaluating %s with "
                        "RANDOM initialisation", arch)
@@ -243,7 +266,7 @@ def load_pretrained_weights(model, pretrained_weights, checkpoint_key="teacher",
     checkpoint = safe_load(pretrained_weights)
     raw, where = select_state_dict(checkpoint, checkpoint_key, source=pretrained_weights)
     ckpt_sd, dropped = backbone_state_dict(raw)
-    target = _unwrap_model(model)
+    target = unwrap(model)
     model_sd = target.state_dict()
 
     resized = []
@@ -251,7 +274,9 @@ def load_pretrained_weights(model, pretrained_weights, checkpoint_key="teacher",
         pe, mpe = ckpt_sd["pos_embed"], model_sd["pos_embed"]
         if pe.shape != mpe.shape and pe.ndim == 3 and pe.shape[-1] == mpe.shape[-1]:
             extra = getattr(target, "num_extra_tokens", 1)
-            ckpt_sd["pos_embed"] = resize_pos_embed(pe, mpe.shape[1] - extra, extra)
+            grid = getattr(getattr(target, "patch_embed", None), "grid_size", None)  # (h, w) of the model
+            grid = tuple(grid) if grid is not None and grid[0] * grid[1] == mpe.shape[1] - extra else None
+            ckpt_sd["pos_embed"] = resize_pos_embed(pe, mpe.shape[1] - extra, extra, new_grid=grid)
             resized.append("pos_embed")
             logger.info("%s: pos_embed resized from %s to %s", pretrained_weights, tuple(pe.shape), tuple(mpe.shape))
 

@@ -1,1 +1,2 @@
-"""Run-level utilities: distributed set-up and collectives, metric logging, checkpoint I/O, seeding."""
+"""Run-level utilities: distributed set-up and collectives (and ``unwrap``), autocast precision, metric
+logging, checkpoint I/O, seeding."""

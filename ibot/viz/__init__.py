@@ -1,1 +1,2 @@
-"""Drawing: attention maps, composites, grids and overlays written as PNG/JPEG."""
+"""Figures: drawing attention maps, composites, grids and overlays as PNG/JPEG (``drawing``) and their
+inputs — device, frozen ViT, image files (``loading``)."""

@@ -1,17 +1,20 @@
-"""Small pieces shared by the analysis scripts: device choice, ViT construction + weight loading,
-image listing and loading."""
+"""Inputs of the analysis figures: the device, a frozen ViT with its weights, image files."""
 import os
 
 import torch
 from PIL import Image
 
-import models
+from ibot.eval.features import IMG_EXTENSIONS
 from ibot.eval.weights import load_pretrained_weights
+from ibot.models import arch_choices, create_backbone, is_model, model_family
 
-VIT_ARCHS = ["vit_tiny", "vit_small", "vit_base", "vit_large"]
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+__all__ = ["vit_arch_choices", "pick_device", "build_vit", "list_images", "load_rgb"]
 
-__all__ = ["VIT_ARCHS", "IMG_EXTENSIONS", "pick_device", "build_vit", "list_images", "load_rgb"]
+
+def vit_arch_choices():
+    """``--arch`` choices of the analysis scripts: the registered ViTs (they need a [CLS] token and
+    ``get_last_selfattention``)."""
+    return arch_choices("vit")
 
 
 def pick_device(name=None):
@@ -23,21 +26,21 @@ def pick_device(name=None):
 
 def build_vit(arch, patch_size, pretrained_weights="", checkpoint_key="teacher", device="cpu", img_size=224,
               **kwargs):
-    """Build ``models.<arch>(patch_size, num_classes=0)``, load weights (§1.3), eval mode, no grad.
+    """Registry ViT ``arch`` without head (``num_classes=0``), weights loaded (§1.3), eval mode, no grad.
 
     Args:
-        arch: one of :data:`VIT_ARCHS` (the analysis figures need ``get_last_selfattention``).
+        arch: a registered ViT (the analysis figures need ``get_last_selfattention``).
         pretrained_weights: checkpoint path ('' = random init, logged as a warning).
         checkpoint_key: entry of a full checkpoint (``teacher``/``student``); backbone files are
-            auto-detected by :func:`ibot.pretrained.load_pretrained_weights`.
+            auto-detected by :func:`ibot.eval.weights.load_pretrained_weights`.
         img_size: size the position embedding is built for (others are interpolated at run time).
     Returns:
         the ViT on ``device``.
     """
-    if arch not in VIT_ARCHS:
+    if not is_model(arch) or model_family(arch) != "vit":
         raise ValueError(f"--arch {arch!r} is not supported here: these analysis tools need a ViT with a "
-                         f"[CLS] token and get_last_selfattention ({', '.join(VIT_ARCHS)})")
-    model = getattr(models, arch)(patch_size=patch_size, num_classes=0, img_size=img_size, **kwargs)
+                         f"[CLS] token and get_last_selfattention ({', '.join(vit_arch_choices())})")
+    model = create_backbone(arch, patch_size=patch_size, img_size=img_size, num_classes=0, **kwargs)
     load_pretrained_weights(model, pretrained_weights, checkpoint_key, arch, patch_size)
     model.eval().to(device)
     for p in model.parameters():
