@@ -65,6 +65,10 @@ def get_parser():
                             help="Fast step: one student call over global and local crops.")
     parser.add_argument("--profile", action="store_true", help="Print a torch.profiler table of one step.")
     parser.add_argument("--no_flops", action="store_true", help="Skip the FLOP count.")
+    parser.add_argument("--data", default=None,
+                        help="Feed the step from this image folder through the real data loader (--num_workers "
+                             "workers, --data_pipeline, masks of the flags); 'photos' builds benchmarks/loader.py's "
+                             "photo folder. images_per_s is then the end-to-end figure (total wall time).")
     parser.add_argument("--bench_epoch", type=int, default=0,
                         help="Epoch index used for the schedules (0: last layer frozen if --freeze_last_layer).")
     parser.add_argument("--peak_tflops", type=float, default=None,
@@ -159,10 +163,15 @@ def run(args):
         for net in (unwrap(student), teacher_without_ddp):
             net.backbone.compile()
     train = iBOTTrainStep.from_args(student, teacher, teacher_without_ddp, ibot_loss, args, ctx, fp16_scaler)
-    batches = make_batches(args, min(niter, 4), seed=args.seed)
+    feed = None
+    if args.data:
+        from data_feed import DataFeed, photo_folder
+        feed = DataFeed(args, photo_folder() if args.data == "photos" else args.data)
+    else:
+        batches = make_batches(args, min(niter, 4), seed=args.seed)
 
     def step(i):
-        images, masks = batches[i % len(batches)]
+        images, masks = feed.next_batch() if feed is not None else batches[i % len(batches)]
         return train.train_step(optimizer, images, masks, niter * epoch + i, epoch, schedules)
 
     times, cpu_times, compile_s = [], [], None
@@ -194,6 +203,11 @@ def run(args):
                   optimizer=args.optimizer, clip_grad=args.clip_grad, torch=torch.__version__)
     if compile_s is not None:
         result["first_step_s"] = round(compile_s, 2)
+    if feed is not None:  # end to end: total wall time, loader stalls included
+        result.update(images_per_s=round(args.batch_size_per_gpu * len(times) / sum(times), 3),
+                      images_per_s_median_step=round(args.batch_size_per_gpu / s_per_step, 3),
+                      data=args.data_path, data_pipeline=args.data_pipeline, num_workers=args.num_workers,
+                      data_wait_s_per_step=round(feed.wait_s / (args.warmup_steps + args.steps), 4))
 
     if args.profile:
         profile_step(step, args.warmup_steps + args.steps, args.device)

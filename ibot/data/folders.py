@@ -14,7 +14,12 @@ these additions (defaults = official behaviour):
 * ``skip_bad_images=True``: an unreadable file is replaced by the next readable sample (index + 1,
   + 2, ... modulo the length), counted in ``num_bad_images`` / ``bad_images`` (per process: every
   DataLoader worker has its own copy) and named in a log warning. Default: raise
-  :class:`BadImageError` naming the file.
+  :class:`BadImageError` naming the file. :meth:`skipped_this_epoch` sums the skips of the current
+  epoch over the main process and every DataLoader worker (a shared-memory counter, one slot per
+  worker, zeroed by ``set_epoch``);
+* decompression bombs: an image whose header declares more than ``PIL.Image.MAX_IMAGE_PIXELS``
+  pixels (PIL's default, 89,478,485 ≈ 9459², kept) is a :class:`BadImageError` (PIL itself only
+  warns up to twice that limit), before any pixel is decoded.
 
 ``set_epoch`` must reach the workers: keep DataLoader workers non-persistent (they are re-created,
 with a fresh copy of the data set, every epoch), otherwise ``pred_start_epoch`` gating and the
@@ -26,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -46,8 +52,10 @@ class BadImageError(OSError):
 
 
 def rgb_loader(path: str) -> Image.Image:
-    """Open ``path`` with PIL and return a fully loaded RGB image (any source mode)."""
-    with open(path, "rb") as f:
+    """Open ``path`` with PIL and return a fully loaded RGB image (any source mode). Images above
+    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels raise ``DecompressionBombWarning`` as an error."""
+    with open(path, "rb") as f, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         img = Image.open(f)
         if img.mode == "RGB":
             img.load()
@@ -90,6 +98,14 @@ class _SeededSample:
         torch.default_generator.set_state(self._torch)
 
 
+_SKIP_SLOTS = 1024
+
+
+def _skip_slot() -> int:
+    info = torch.utils.data.get_worker_info()
+    return 0 if info is None else 1 + info.id % (_SKIP_SLOTS - 1)
+
+
 class _ImageFolderBase(ImageFolder):
     """``ImageFolder`` + flat folders, RGB loading, clear errors and optional bad-image skipping."""
 
@@ -104,6 +120,8 @@ class _ImageFolderBase(ImageFolder):
         self.skip_bad_images = bool(skip_bad_images)
         self.num_bad_images = 0
         self.bad_images: set = set()
+        # skips of the current epoch: slot 0 the main process, slot 1 + id each DataLoader worker
+        self._skips = torch.zeros(_SKIP_SLOTS, dtype=torch.int64).share_memory_()
         super().__init__(root, transform=transform, loader=loader, **kwargs)
 
     # -- folder scanning ---------------------------------------------------------------------------
@@ -173,9 +191,18 @@ class _ImageFolderBase(ImageFolder):
             except BadImageError as e:
                 self.bad_images.add(path)
                 self.num_bad_images += 1
+                self._skips[_skip_slot()] += 1
                 logger.warning("skipping unreadable image %s (%d skipped so far in this process): %s",
                                path, self.num_bad_images, e.__cause__)
         raise BadImageError(f"no readable image in {self.root!r} (--data_path)")
+
+    def skipped_this_epoch(self) -> int:
+        """Unreadable files skipped since the last ``set_epoch``, by this process and all its workers."""
+        return int(self._skips.sum())
+
+    def reset_skip_count(self) -> None:
+        """Zero the counter of :meth:`skipped_this_epoch` (call before the epoch's workers start)."""
+        self._skips.zero_()
 
     def _target(self, target):
         return self.target_transform(target) if self.target_transform is not None else target
@@ -204,6 +231,9 @@ class ImageFolderMask(_ImageFolderBase):
       in crop order (non-tensor items are skipped, as in the official code); with
       ``mask_crops=k`` only the first ``k`` crops get one, so ``len(masks) == k`` (default ``None``:
       every crop, official). After default collation: list of ``(B, H, W)`` bool tensors.
+    * a transform with ``returns_params = True``
+      (:class:`~ibot.data.fast_augment.DeviceMultiCrop`) returns ``(crops, params)``; the sample is
+      then ``(crops, target, masks, params)``, ``params`` a ``(n_crops, NUM_PARAMS)`` float tensor.
 
     ``patch_size``: mask cell in pixels (the trainer passes ``8 * patch_size`` for Swin).
     ``pred_ratio`` / ``pred_ratio_var``: scalars or lists (see :mod:`ibot.data.masking`; 1-element lists
@@ -238,8 +268,10 @@ class ImageFolderMask(_ImageFolderBase):
         self.epoch: Optional[int] = None
 
     def set_epoch(self, epoch: int) -> None:
-        """Store the current epoch (gates masking before ``pred_start_epoch``; enters the seed)."""
+        """Store the current epoch (gates masking before ``pred_start_epoch``; enters the seed) and zero
+        the epoch's skipped-image counter."""
         self.epoch = int(epoch)
+        self.reset_skip_count()
 
     def get_pred_ratio(self, rng=None) -> float:
         """Masking ratio of one crop: 0 before ``pred_start_epoch``, else a draw from ``rng``."""
@@ -263,6 +295,10 @@ class ImageFolderMask(_ImageFolderBase):
     def _get(self, index: int, rng):
         img, target = self.load_image(index)
         crops = self.transform(img) if self.transform is not None else img
+        if getattr(self.transform, "returns_params", False):
+            # device augmentation path: (uint8 crops, per-crop colour parameters)
+            crops, params = crops
+            return crops, self._target(target), self.make_masks(crops, rng), params
         return crops, self._target(target), self.make_masks(crops, rng)
 
     def __getitem__(self, index: int):
