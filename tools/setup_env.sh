@@ -12,9 +12,13 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import torch, torchvision, timm, sklearn, tensorboard, matplotlib, pytest" 2>/dev/null; then
+# (re)install when the lock file changed since the last install (its hash is kept in the environment)
+LOCK_HASH=$(sha256sum requirements-lock.txt | cut -d' ' -f1)
+if [ "$(cat "$VENV/.requirements-lock.sha256" 2>/dev/null)" != "$LOCK_HASH" ] \
+        || ! "$VENV/bin/python" -c "import torch, torchvision, timm, sklearn, tensorboard, matplotlib, pytest, yaml, cv2, pycocotools" 2>/dev/null; then
     echo "Installing the locked dependencies into $VENV (about a minute)..."
     "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements-lock.txt
+    echo "$LOCK_HASH" > "$VENV/.requirements-lock.sha256"
 fi
 # the ibot package itself, editable: the scripts (python evaluation/eval_knn.py ...) import it from here
 PY_ABS=$(cd "$VENV/bin" && pwd)/python

@@ -2,7 +2,7 @@
 
 Every N epochs (and after the last epoch) the frozen [CLS] features of the teacher's and/or the
 student's backbone are evaluated with the k-NN protocol of ``evaluation/eval_knn.py`` — the same code:
-:func:`evaluation.eval_knn.build_knn_loaders` (official evaluation transform, ``--eval_resize_size`` /
+:func:`ibot.eval.knn.build_knn_loaders` (official evaluation transform, ``--eval_resize_size`` /
 ``--eval_crop_size``) and :func:`ibot.knn.run_knn` (weighted vote, ``--eval_nb_knn``,
 ``--eval_temperature``) on ``--eval_data_path`` (a folder with ``train/`` and ``val/``).
 
