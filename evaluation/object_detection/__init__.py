@@ -1,0 +1,1 @@
+"""COCO detection and instance segmentation (official ``evaluation/object_detection/{train,test}.py``)."""
