@@ -4,11 +4,14 @@
   with ``backbone.`` / ``module.backbone.`` lose that prefix; other keys are kept unchanged only with
   ``with_head``.
 * :func:`timm_config` / :func:`to_timm_state_dict` / :func:`create_timm_model` — a state dict that
-  ``timm.create_model(<name>, pretrained=False, num_classes=0, **kwargs)`` loads with
-  ``strict=True``; the timm model's ``forward`` (final-norm [CLS] token) then equals our ViT's
-  ``forward``. The iBOT ViT uses timm's parameter names, so the conversion drops ``masked_embed``,
-  projection-head keys and ``fc_norm`` (mean-pooling builds), and checks every remaining key against
-  the timm model. Only ViTs are supported (Swin checkpoints raise an error).
+  ``timm.create_model(<name>, pretrained=False, **kwargs)`` loads with ``strict=True``, for every
+  ViT the repository builds (any patch size, image size, depth, width): ``<name>`` is a registered
+  timm name and ``kwargs`` (``img_size``, ``patch_size``, ``num_classes=0``, and the size keywords
+  where they differ from the named model) rebuild the architecture. The timm model's ``forward``
+  (final-norm [CLS] token, or fc-norm patch mean for mean-pooling builds) then equals our ViT's
+  ``forward``. The iBOT ViT uses timm's parameter names, so the conversion only drops
+  ``masked_embed`` and projection-head keys and renames LayerScale ``gamma_1/2`` to ``ls1/2.gamma``,
+  then checks every key against the timm model. Only ViTs are supported (Swin raises an error).
 """
 import math
 import re
@@ -20,7 +23,6 @@ from ibot.eval.weights import select_state_dict, strip_prefixes
 __all__ = ["ExportError", "extract_backbone", "load_entry", "timm_config", "to_timm_state_dict",
            "create_timm_model", "export_timm"]
 
-_TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base", (1024, 24, 16): "large"}
 
 
 class ExportError(RuntimeError):
@@ -82,8 +84,23 @@ def _vit_backbone(state_dict):
     return sd
 
 
+# timm's standard ViT sizes: (width, heads) -> (size name, depth). timm's constructor defaults are
+# ViT-Base's, so non-standard widths are built from ``vit_base_patch16_224`` with every size kwarg.
+_TIMM_SIZES = {(192, 3): ("tiny", 12), (384, 6): ("small", 12), (768, 12): ("base", 12),
+               (1024, 16): ("large", 24)}
+_GENERIC = "vit_base_patch16_224"
+
+
+def _timm_name(size, patch):
+    """A registered timm name for ``size`` and ``patch``: ``vit_<size>_patch<p>_224`` where timm has it
+    (e.g. ``vit_small_patch8_224``), else ``vit_<size>_patch16_224`` (kwargs then set the patch size)."""
+    import timm
+    name = f"vit_{size}_patch{patch}_224"
+    return name if timm.is_model(name) else f"vit_{size}_patch16_224"
+
+
 def timm_config(state_dict, args=None, num_heads=None):
-    """timm model name and constructor kwargs matching a ViT backbone state dict.
+    """timm model name and constructor kwargs that rebuild a ViT backbone state dict.
 
     Args:
         state_dict: backbone or full-checkpoint entry (prefixes are handled).
@@ -92,10 +109,15 @@ def timm_config(state_dict, args=None, num_heads=None):
         num_heads: attention heads (shapes cannot tell them); default: width / 64, the head width of
             every official ViT size.
     Returns:
-        dict ``{"model_name": str, "kwargs": dict}``; ``model_name`` is a timm registry name when the
-        width/depth/heads match a standard size (e.g. ``vit_small_patch16_224``), else
-        ``"VisionTransformer"`` (build with ``timm.models.vision_transformer.VisionTransformer``).
-        ``kwargs`` always include ``img_size``, ``patch_size``, ``num_classes=0``.
+        dict ``{"model_name": str, "kwargs": dict}`` such that ``timm.create_model(model_name,
+        pretrained=False, **kwargs)`` builds the matching model for any patch size, image size and
+        depth. ``model_name`` is always a registered timm name (``vit_tiny_patch16_224`` for a
+        ViT-Tiny of any patch size, ``vit_small_patch8_224`` where timm has the exact patch size,
+        ``vit_base_patch16_224`` for non-standard widths); ``kwargs`` always hold ``img_size``,
+        ``patch_size`` and ``num_classes=0``, plus the size kwargs (``embed_dim``, ``depth``,
+        ``num_heads``, ``mlp_ratio``, ``qkv_bias``) where they differ from the named model, and
+        ``init_values`` (LayerScale) / ``global_pool="avg", fc_norm=True`` (mean pooling) when the
+        weights have them.
     """
     sd = _vit_backbone(state_dict)
     dim = sd["pos_embed"].shape[-1]
@@ -110,23 +132,45 @@ def timm_config(state_dict, args=None, num_heads=None):
     if heads is None:
         raise ExportError(f"cannot infer the number of attention heads of a ViT of width {dim} "
                           f"(not a multiple of 64); pass num_heads (--num_heads) explicitly")
+    if dim % heads:
+        raise ExportError(f"width {dim} is not divisible by num_heads={heads}")
     mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / dim
     qkv_bias = "blocks.0.attn.qkv.bias" in sd
     kwargs = dict(img_size=img, patch_size=patch, num_classes=0)
-    size = _TIMM_SIZES.get((dim, depth, heads))
-    if size and mlp_ratio == 4 and qkv_bias:
-        return {"model_name": f"vit_{size}_patch{patch}_224", "kwargs": kwargs}
-    kwargs.update(embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias)
-    return {"model_name": "VisionTransformer", "kwargs": kwargs}
+    standard = _TIMM_SIZES.get((dim, heads))
+    if standard:
+        name = _timm_name(standard[0], patch)
+        if depth != standard[1]:
+            kwargs["depth"] = depth
+    else:
+        name = _GENERIC
+        kwargs.update(embed_dim=dim, depth=depth, num_heads=heads)
+    if mlp_ratio != 4 or not standard:
+        kwargs["mlp_ratio"] = mlp_ratio
+    if not qkv_bias or not standard:
+        kwargs["qkv_bias"] = qkv_bias
+    if "blocks.0.gamma_1" in sd:
+        kwargs["init_values"] = 1.0  # LayerScale present; the loaded gammas replace this value
+    if "fc_norm.weight" in sd:
+        kwargs.update(global_pool="avg", fc_norm=True)
+    return {"model_name": name, "kwargs": kwargs}
 
 
 def create_timm_model(config):
-    """Build the (random-init, never downloaded) timm model of a :func:`timm_config` result."""
+    """Build the (random-init, never downloaded) timm model of a :func:`timm_config` result.
+
+    Also accepts the ``"VisionTransformer"`` name written by earlier versions of the exporter.
+    """
     import timm
     from timm.models.vision_transformer import VisionTransformer
     if config["model_name"] == "VisionTransformer":
         return VisionTransformer(**config["kwargs"])
     return timm.create_model(config["model_name"], pretrained=False, **config["kwargs"])
+
+
+def _timm_key(key):
+    """Our parameter name -> timm's (identical except LayerScale ``gamma_1/2`` -> ``ls1/2.gamma``)."""
+    return re.sub(r"^(blocks\.\d+\.)gamma_([12])$", r"\1ls\2.gamma", key)
 
 
 def to_timm_state_dict(state_dict, config=None):
@@ -141,7 +185,7 @@ def to_timm_state_dict(state_dict, config=None):
     """
     sd = _vit_backbone(state_dict)
     config = config or timm_config(sd)
-    sd = {k: v for k, v in sd.items() if k != "masked_embed" and not k.startswith("fc_norm.")}
+    sd = {_timm_key(k): v for k, v in sd.items() if k != "masked_embed"}
     ref = create_timm_model(config).state_dict()
     missing = [k for k in ref if k not in sd]
     unexpected = [k for k in sd if k not in ref]
