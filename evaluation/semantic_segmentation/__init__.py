@@ -1,0 +1,1 @@
+"""ADE20K semantic segmentation scripts (official ``evaluation/semantic_segmentation/{train,test}.py``)."""
