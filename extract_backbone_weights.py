@@ -16,14 +16,10 @@ notice and saved an empty file); the output is written atomically.
 """
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from ibot.utils.checkpoint import atomic_save  # noqa: E402
-from ibot.eval.export import ExportError, export_timm, extract_backbone, load_entry  # noqa: E402
-from ibot.utils.misc import bool_flag  # noqa: E402
+from ibot.utils.checkpoint import atomic_save
+from ibot.eval.export import ExportError, export_timm, extract_backbone, load_entry
+from ibot.utils.misc import bool_flag
 
 
 def get_args_parser():

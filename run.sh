@@ -202,6 +202,7 @@ for K in "${!KEY_LIST[@]}"; do
     if [[ $TYPE =~ coco_det ]] && ! [[ $TYPE =~ pretrain ]]; then
         echo "==> COCO detection of $KEY_NAME"
         DET_WEIGHTS=${WEIGHT_FILE:-$OUTPUT_DIR/checkpoint_$KEY_NAME.pth}
+        mkdir -p "$OUTPUT_DIR/det_$KEY_NAME"
         if [ -z "${WEIGHT_FILE:-}" ]; then
             "$PYTHON" extract_backbone_weights.py "$PRETRAINED" "$DET_WEIGHTS" --checkpoint_key "$KEY_NAME"
         fi

@@ -22,14 +22,14 @@ import torch
 import torch.nn as nn
 
 import ibot.models as models
-from ibot.data.augment import DataAugmentationiBOT
+from ibot.data.fast_augment import build_multicrop
 from ibot.data.folders import BadImageError, ImageFolderMask
 from ibot.models.head import iBOTHead
 from ibot.models.wrapper import MultiCropWrapper
 from ibot.train.context import make_context, saved_args
 from ibot.train.epoch import run_epoch
 from ibot.train.faults import (ResumableSampler, StepBoundaryLoader, StopOnSignal, TrainingInterrupted,
-                               capture_rng_state, restore_rng_state)
+                               as_collective_timeout, as_worker_killed, capture_rng_state, restore_rng_state)
 from ibot.train.flags import check_args, complete_args
 from ibot.train.loss import iBOTLoss
 from ibot.train.optim import build_optimizer, get_params_groups, has_batchnorms
@@ -37,7 +37,9 @@ from ibot.train.periodic_eval import PeriodicKNN, should_evaluate
 from ibot.train.schedules import cosine_scheduler
 from ibot.train.step import NonFiniteLossError, iBOTTrainStep
 from ibot.utils import distributed as dist_utils
-from ibot.utils.checkpoint import atomic_save, remove_stale_temp_files, restart_from_checkpoint
+from ibot.train.run_lock import RunLock, RunLockError
+from ibot.utils.checkpoint import (CorruptCheckpointError, load_newest_intact, remove_stale_temp_files,
+                                   restart_from_checkpoint, rolling_checkpoints, save_checkpoint)
 from ibot.utils.distributed import unwrap
 from ibot.utils.misc import fix_random_seeds, print_run_header
 
@@ -56,10 +58,10 @@ def mask_cell_size(args):
 
 def build_dataset(args):
     """The pre-training ``ImageFolderMask`` with the multi-crop transform of the flags."""
-    transform = DataAugmentationiBOT(args.global_crops_scale, args.local_crops_scale, args.global_crops_number,
-                                     args.local_crops_number, args.global_crops_size, args.local_crops_size,
-                                     blur_radius_scale=args.blur_radius_scale,
-                                     color_jitter_scale=args.color_jitter_scale)
+    transform = build_multicrop(args.data_pipeline, args.global_crops_scale, args.local_crops_scale,
+                                args.global_crops_number, args.local_crops_number, args.global_crops_size,
+                                args.local_crops_size, blur_radius_scale=args.blur_radius_scale,
+                                color_jitter_scale=args.color_jitter_scale)
     try:
         return ImageFolderMask(args.data_path, transform=transform, patch_size=mask_cell_size(args),
                                pred_ratio=args.pred_ratio, pred_ratio_var=args.pred_ratio_var,
@@ -204,7 +206,7 @@ def resume_path(args):
     """The checkpoint to resume from: ``<output_dir>/checkpoint.pth`` when ``--auto_resume`` is on and it
     exists, else ``--load_from`` joined onto ``--output_dir`` (official), else None."""
     latest = os.path.join(args.output_dir, "checkpoint.pth")
-    if args.auto_resume and os.path.isfile(latest):
+    if args.auto_resume and rolling_checkpoints(latest):  # the newest intact one of the set is chosen later
         return latest
     if args.load_from:
         return os.path.join(args.output_dir, args.load_from)
@@ -239,10 +241,13 @@ class Checkpointer:
         """Load the resume checkpoint if there is one; returns ``(start_epoch, start_iter, rng_state)``."""
         args, step = self.args, self.step
         state = {"epoch": 0, "iteration": 0, "iters_per_epoch": None, "rng_state": None}
-        path = resume_path(args)
+        path, checkpoint = resume_path(args), None
+        if path == self.path:  # --auto_resume: the newest intact file of the rolling set
+            path, checkpoint = self.newest_intact()
         if path:
-            restart_from_checkpoint(path, run_variables=state, student=step.student, teacher=step.teacher,
-                                    optimizer=self.optimizer, fp16_scaler=step.fp16_scaler, ibot_loss=step.ibot_loss)
+            restart_from_checkpoint(path, run_variables=state, checkpoint=checkpoint, student=step.student,
+                                    teacher=step.teacher, optimizer=self.optimizer, fp16_scaler=step.fp16_scaler,
+                                    ibot_loss=step.ibot_loss)
         elif args.auto_resume:
             print(f"--auto_resume: no checkpoint.pth in {args.output_dir} yet: starting from scratch.")
         start_epoch, start_iter = int(state["epoch"]), int(state["iteration"] or 0)
@@ -254,6 +259,24 @@ class Checkpointer:
             print("Note: the checkpoint holds no RNG state (official format): the resumed run continues "
                   "correctly but does not repeat an uninterrupted run bit for bit.")
         return start_epoch, start_iter, state["rng_state"]
+
+    def newest_intact(self):
+        """``(path, contents)`` of the newest checkpoint of the rolling set that matches its checksum and
+        loads; each damaged one skipped is named. Raises ``CorruptCheckpointError`` when none is intact:
+        the folder holds progress, so the run refuses rather than start from scratch over it."""
+        candidates = rolling_checkpoints(self.path)
+        path, checkpoint, problems = load_newest_intact(candidates)
+        for problem in problems:
+            print(f"Warning: {problem}", flush=True)
+        if path is None:
+            raise CorruptCheckpointError(
+                f"--auto_resume: none of the {len(candidates)} checkpoint(s) in {self.args.output_dir} is intact "
+                f"({'; '.join(problems)}); refusing to start from scratch over a folder that holds progress. "
+                "Move them away (or use another --output_dir) to start anew")
+        if problems:
+            print(f"--auto_resume: falling back to {path}, the newest intact checkpoint (epoch "
+                  f"{checkpoint.get('epoch')}, iteration {checkpoint.get('iteration', 0)}).", flush=True)
+        return path, checkpoint
 
     def save(self, epoch, iteration, reason):
         """Write checkpoint.pth for ``epoch`` finished epochs + ``iteration`` batches (``reason``:
@@ -272,9 +295,9 @@ class Checkpointer:
                                     step.ibot_loss, step.fp16_scaler)
         save_dict.update(iteration=iteration, iters_per_epoch=self.niter, rng_state=capture_rng_state())
         if self.ctx.is_main:
-            atomic_save(save_dict, self.path)
+            save_checkpoint(save_dict, self.path, keep=args.keep_checkpoints)
             if reason == "epoch" and args.saveckp_freq and (epoch - 1) % args.saveckp_freq == 0 and epoch - 1:
-                atomic_save(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch - 1:04}.pth"))
+                save_checkpoint(save_dict, os.path.join(args.output_dir, f"checkpoint{epoch - 1:04}.pth"))
         return True
 
     def stop_requested(self, poll_collective=True):
@@ -348,12 +371,17 @@ def train_ibot(args):
         raise ConfigError("\n".join(errors))
 
     # ============ the process ... ============
-    info = dist_utils.init_distributed(args.dist_url)
+    info = dist_utils.init_distributed(args.dist_url, timeout_s=args.dist_timeout)
     fix_random_seeds(args.seed)
     print_run_header(args)
     torch.backends.cudnn.benchmark = True
     os.makedirs(args.output_dir, exist_ok=True)
-    if info.rank == 0:
+    run_lock = RunLock(args.output_dir) if info.rank == 0 else None  # before anything in the folder changes
+    if run_lock is not None:
+        try:
+            run_lock.acquire()
+        except RunLockError as err:
+            raise ConfigError(str(err)) from None
         for path in remove_stale_temp_files(args.output_dir):
             print(f"Removed {path} (left by a run killed while saving a checkpoint).")
 
@@ -407,6 +435,11 @@ def train_ibot(args):
                 except BadImageError as err:
                     raise _clean_data_error(err) from None
 
+                if args.skip_bad_images:  # summed over the DataLoader workers and the ranks
+                    skipped = torch.tensor([float(dataset.skipped_this_epoch())], device=ctx.device)
+                    train_stats["bad_images_skipped"] = int(dist_utils.all_reduce_sum(skipped).item())
+                    print(f"Epoch {epoch}: skipped {train_stats['bad_images_skipped']} unreadable image(s) "
+                          "(all processes and workers; each is named in a warning)", flush=True)
                 checkpointer.save(epoch + 1, 0, "epoch")
                 knn_stats = {}
                 if periodic_knn is not None and should_evaluate(epoch, args):  # every rank takes part
@@ -425,9 +458,17 @@ def train_ibot(args):
                               f"{sorted(dataset.bad_images)}")
                 if checkpointer.stop_requested():
                     checkpointer.interrupt(epoch + 1, 0)
+    except RuntimeError as err:  # a stalled rank (--dist_timeout) or a killed loader worker: say which
+        known = (as_collective_timeout(err, args.dist_timeout, f"in epoch {checkpointer.epoch}")
+                 or as_worker_killed(err, args.num_workers))
+        if known is None:
+            raise
+        raise known from None
     finally:
         if writer is not None:
             writer.close()
+        if run_lock is not None:
+            run_lock.release()
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
     return train_stats

@@ -7,6 +7,7 @@ an adapter that builds the step and the run context from its arguments.
 """
 import torch
 
+from ibot.data.device_augment import prepare_crops
 from ibot.eval.cluster_metrics import eval_pred
 from ibot.train.context import info_from_args, make_context
 from ibot.train.flags import complete_args
@@ -18,7 +19,8 @@ __all__ = ["run_epoch", "train_one_epoch"]
 
 
 def run_epoch(step, data_loader, optimizer, schedules, epoch, *, epochs, print_freq=10, has_labels=True):
-    """Train ``step`` for one epoch over ``data_loader`` (batches ``(crops, labels, masks)``).
+    """Train ``step`` for one epoch over ``data_loader`` (batches ``(crops, labels, masks)``, plus the
+    crops' colour parameters with ``--data_pipeline device``; see ``ibot.data.device_augment.prepare_crops``).
 
     ``schedules``: ``(lr, wd, momentum)`` per-iteration arrays indexed by ``len(data_loader) * epoch + i``.
     Returns the averaged ``{loss, cls, patch, lr, wd, acc}`` (+ ``koleo``) and, when the data set has
@@ -32,10 +34,11 @@ def run_epoch(step, data_loader, optimizer, schedules, epoch, *, epochs, print_f
 
     # a mid-epoch resume (ibot.train.faults.StepBoundaryLoader) yields the epoch's batches from start_iter on
     start_iter = getattr(data_loader, "start_iter", 0)
-    for i, (images, labels, masks) in enumerate(metric_logger.log_every(data_loader, print_freq, header),
-                                                start=start_iter):
+    for i, (images, labels, masks, *params) in enumerate(metric_logger.log_every(data_loader, print_freq, header),
+                                                         start=start_iter):
         it = len(data_loader) * epoch + i
-        images = [im.to(device, non_blocking=True) for im in images]
+        # float crops are moved; uint8 crops (--data_pipeline fast|device) are normalised / augmented there
+        images = prepare_crops(images, params[0] if params else None, device)
         losses, t_cls, s_cls, grad_norm = step.train_step(optimizer, images, masks, it, epoch, schedules)
 
         # monitor: agreement of teacher (crop 0) and student (crop 1) argmax, official (quirk Q26)

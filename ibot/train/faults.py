@@ -12,6 +12,7 @@
   ``train_one_epoch`` (``start_iter``) which in-epoch index the first batch has.
 """
 import random
+import re
 import signal
 import threading
 
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 __all__ = ["TrainingInterrupted", "capture_rng_state", "restore_rng_state", "StopOnSignal",
-           "ResumableSampler", "StepBoundaryLoader", "EXIT_CODES"]
+           "ResumableSampler", "StepBoundaryLoader", "EXIT_CODES", "CollectiveTimeoutError",
+           "as_collective_timeout", "LoaderWorkerKilledError", "as_worker_killed"]
 
 #: process exit status of ``main_ibot.py`` after a signal-triggered checkpoint-and-stop
 EXIT_CODES = {"SIGTERM": 0, "SIGINT": 130}
@@ -32,6 +34,60 @@ class TrainingInterrupted(Exception):
         super().__init__(message)
         self.signal_name = signal_name
         self.exit_code = EXIT_CODES.get(signal_name, 1)
+
+
+class CollectiveTimeoutError(TrainingInterrupted):
+    """A collective waited longer than ``--dist_timeout`` for the other ranks (exit status 1)."""
+
+    def __init__(self, message):
+        super().__init__(message, signal_name="timeout")
+
+
+_TIMEOUT_WORDS = ("timed out", "timeout")
+
+
+def as_collective_timeout(err, timeout_s, where):
+    """A :class:`CollectiveTimeoutError` for ``err`` when it is a process-group timeout (gloo:
+    ``Timed out waiting 1800000ms for recv operation``; NCCL's watchdog aborts the process itself, with
+    a message naming ``OpType`` and ``Timeout(ms)``), else None. ``where``: the training position."""
+    text = str(err)
+    if not isinstance(err, RuntimeError) or not any(w in text.lower() for w in _TIMEOUT_WORDS):
+        return None
+    detail = text.strip().splitlines()[0]
+    detail = detail.split("] ", 1)[1] if detail.startswith("[") and "] " in detail else detail
+    return CollectiveTimeoutError(
+        f"a collective operation of the process group (gradient all-reduce, loss centre all-reduce or the "
+        f"stop-flag all-reduce) waited longer than --dist_timeout {timeout_s:g} s {where}: another rank has "
+        f"stalled (stopped, hung I/O, swapping) or died. Backend said: {detail}. The last checkpoint is intact; "
+        f"continue with --auto_resume true once every node is healthy")
+
+
+class LoaderWorkerKilledError(TrainingInterrupted):
+    """A DataLoader worker process was killed by a signal (exit status 1)."""
+
+    def __init__(self, message):
+        super().__init__(message, signal_name="worker")
+
+
+def as_worker_killed(err, num_workers):
+    """A :class:`LoaderWorkerKilledError` for the ``RuntimeError`` a ``DataLoader`` raises when a worker
+    dies (``DataLoader worker (pid 123) is killed by signal: Killed.``), naming the signal and the
+    remedy; None for other errors."""
+    text = str(err)
+    if not isinstance(err, RuntimeError) or "DataLoader worker" not in text:
+        return None
+    m = re.search(r"pid\(?s?\)?\s*([\d, ]+)\)?\s*(?:is killed by signal|exited unexpectedly)[: ]*([^.]*)", text)
+    pid = m.group(1).strip() if m else "?"
+    sig = (m.group(2).strip() if m and m.group(2).strip() else "unknown")
+    names = {"Killed": "SIGKILL", "Segmentation fault": "SIGSEGV", "Bus error": "SIGBUS", "Aborted": "SIGABRT",
+             "Terminated": "SIGTERM"}
+    signame = names.get(sig, sig)
+    hint = (" (SIGKILL usually means the kernel's out-of-memory killer)" if signame == "SIGKILL" else
+            " (SIGBUS usually means /dev/shm is too small for the batches)" if signame == "SIGBUS" else "")
+    return LoaderWorkerKilledError(
+        f"a data-loading worker (pid {pid}) was killed by signal {signame}{hint}. Remedy: lower --num_workers "
+        f"(now {num_workers}) or --batch_size_per_gpu, give the job more memory (and /dev/shm), then continue "
+        f"with --auto_resume true: the run resumes exactly from its last checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------------

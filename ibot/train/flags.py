@@ -125,6 +125,12 @@ def get_args_parser():
     parser.add_argument("--save_every_iters", default=0, type=int,
                         help="Also write checkpoint.pth every N iterations inside an epoch (0: only at the end "
                              "of epochs); a resume from it skips the batches of the epoch already trained.")
+    parser.add_argument("--keep_checkpoints", default=2, type=int,
+                        help="Keep the N newest checkpoint.pth saves (older ones as checkpoint.pth.1, .2, ..., each "
+                             "with a .sha256 checksum file); --auto_resume falls back to the newest intact one.")
+    parser.add_argument("--dist_timeout", default=1800, type=float,
+                        help="Seconds a collective may wait for the other processes before the run stops with "
+                             "an error naming it (a stalled or dead rank), instead of hanging.")
     parser.add_argument("--skip_bad_images", default=False, type=bool_flag,
                         help="Replace unreadable/corrupt image files by the next sample (each is named in a "
                              "warning) instead of stopping with an error naming the file.")
@@ -136,6 +142,12 @@ def get_args_parser():
                         help="Weight of DINOv2's KoLeo regulariser on the student's backbone [CLS] features of "
                              "each global crop (0 = off = official iBOT; DINOv2 uses 0.1). Spreads the features "
                              "over the sphere; needs at least 2 images per process.")
+    parser.add_argument("--data_pipeline", default="pil", choices=["pil", "fast", "device"],
+                        help="How the multi-crop augmentation is computed (docs/data_pipeline.md): pil = the "
+                             "official PIL pipeline in the workers; fast = the same random parameters, faster "
+                             "CPU operations (uint8 resize, OpenCV hue and blur; pixels within a few 8-bit "
+                             "levels), normalised on the device; device = the workers only crop (uint8), the "
+                             "colour operations run batched on the training device.")
     parser.add_argument("--color_jitter_scale", default=1.0, type=float,
                         help="Multiply the colour-jitter strengths (brightness 0.4, contrast 0.4, saturation 0.2, "
                              "hue 0.1; hue capped at 0.5) of the multi-crop augmentation (1.0 = official).")
@@ -217,11 +229,14 @@ def check_args(args):
     for flag in ("warmup_teacher_temp", "teacher_temp", "warmup_teacher_patch_temp", "teacher_patch_temp"):
         if not getattr(args, flag) > 0:
             errors.append(f"--{flag} must be > 0 (got {getattr(args, flag)})")
-    for flag, low in (("num_workers", 0), ("saveckp_freq", 0), ("save_every_iters", 0), ("print_freq", 1)):
+    for flag, low in (("num_workers", 0), ("saveckp_freq", 0), ("save_every_iters", 0), ("print_freq", 1),
+                      ("keep_checkpoints", 1)):
         if getattr(args, flag) < low:
             errors.append(f"--{flag} must be >= {low} (got {getattr(args, flag)})")
     if not args.data_path or not os.path.isdir(args.data_path):
         errors.append(f"--data_path {args.data_path!r} is not a folder")
+    if not args.dist_timeout > 0:
+        errors.append(f"--dist_timeout must be > 0 seconds (got {args.dist_timeout})")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         errors.append(f"--output_dir {args.output_dir!r} exists and is not a folder")
     for flag in ("blur_radius_scale", "color_jitter_scale", "koleo_loss_weight"):
@@ -230,6 +245,11 @@ def check_args(args):
             errors.append(f"--{flag} must be a finite number >= 0 (got {value})")
     if args.koleo_loss_weight > 0 and args.batch_size_per_gpu < 2:
         errors.append("--koleo_loss_weight needs --batch_size_per_gpu >= 2 (nearest neighbours within a batch)")
+    if getattr(args, "data_pipeline", "pil") == "fast":
+        try:
+            import cv2  # noqa: F401
+        except ImportError:
+            errors.append("--data_pipeline fast needs OpenCV: pip install opencv-python-headless")
     errors += check_eval_args(args)
     return errors
 

@@ -82,9 +82,10 @@ class DistributedInfo:
     device: torch.device
 
 
-def init_distributed(dist_url="env://"):
+def init_distributed(dist_url="env://", timeout_s=1800):
     """Set up the process (and a process group when a launcher asked for several processes or set
-    ``RANK``) and return its :class:`DistributedInfo`; writes nothing into any ``args``."""
+    ``RANK``) and return its :class:`DistributedInfo`; writes nothing into any ``args``. ``timeout_s``:
+    how long a collective may wait for the other ranks before it fails (seconds)."""
     use_cuda = torch.cuda.is_available()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
@@ -114,11 +115,20 @@ def init_distributed(dist_url="env://"):
 
     backend = "nccl" if use_cuda else "gloo"
     kwargs = dict(backend=backend, init_method=dist_url or "env://", world_size=world_size, rank=rank,
-                  timeout=datetime.timedelta(minutes=30))
+                  timeout=datetime.timedelta(seconds=timeout_s))
     if use_cuda:
         kwargs["device_id"] = device
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is not None and kwargs["init_method"] == "env://":
+        # torchrun keeps its store across restarts of the group: without a prefix per attempt, the
+        # restarted ranks would read the gloo/NCCL addresses of the killed attempt and fail to connect
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                             is_master=not agent_store and rank == 0, timeout=kwargs["timeout"])
+        kwargs.pop("init_method")
+        kwargs["store"] = dist.PrefixStore(f"ibot/attempt_{attempt}/", base)
     dist.init_process_group(**kwargs)
-    print(f"| distributed init (rank {rank}, {backend}): {kwargs['init_method']}", flush=True)
+    print(f"| distributed init (rank {rank}, {backend}): {kwargs.get('init_method', 'env:// (torchrun attempt ' + str(attempt) + ')')}", flush=True)
     dist.barrier()
     setup_for_distributed(rank == 0)
     return info
