@@ -23,6 +23,7 @@ import main_ibot
 from ibot.utils import checkpoint as ckpt_mod
 from ibot.utils.checkpoint import CheckpointWriteError, UnsafeCheckpointError, atomic_save, safe_load
 from ibot.train.faults import ResumableSampler, StopOnSignal, capture_rng_state, restore_rng_state
+from main_process import child_env as _env, spawn_main as _spawn, wait_for as _wait_for
 from tiny_models import tiny_pretrain_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,31 +43,6 @@ def _main(argv):
     except SystemExit as e:
         return e.code
     return 0
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    return env
-
-
-def _spawn(argv, log):
-    return subprocess.Popen([sys.executable, str(REPO / "main_ibot.py"), *argv], cwd=str(REPO), env=_env(),
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-
-def _wait_for(log, pattern, proc, timeout=240):
-    start = time.time()
-    while time.time() - start < timeout:
-        if re.search(pattern, Path(log).read_text()):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended (rc {proc.returncode}) before {pattern!r}:\n"
-                                 + Path(log).read_text()[-3000:])
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"timeout waiting for {pattern!r}")
 
 
 def _max_diff(a, b):

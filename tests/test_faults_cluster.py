@@ -19,7 +19,13 @@ from ibot.train.run_lock import RunLock, RunLockError
 from ibot.utils.checkpoint import (CheckpointWriteError, DamagedCheckpointError, checksum_path,
                                    previous_checkpoint_path, rolling_checkpoints, safe_load, save_checkpoint)
 
+from main_process import child_env as _env, wait_for
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _wait_for(log, pattern, proc, timeout=180):
+    return wait_for(log, pattern, proc, timeout)
 
 
 def _flags(data, out, *extra, epochs=2, batch=16):
@@ -36,27 +42,6 @@ def _main(argv):
     except SystemExit as e:
         return e.code
     return 0
-
-
-def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
-
-
-def _wait_for(log, pattern, proc, timeout=180):
-    start = time.time()
-    while time.time() - start < timeout:
-        if re.search(pattern, Path(log).read_text()):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended (rc {proc.returncode}) before {pattern!r}:\n"
-                                 + Path(log).read_text()[-3000:])
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"timeout waiting for {pattern!r}")
 
 
 def _teacher_diff(a, b):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ibot.utils.checkpoint import safe_load
+from main_process import child_env as _env, spawn_main as _spawn, wait_for as _wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,30 +36,6 @@ def _flags(data, out, pipeline, *extra):
             "--warmup_teacher_temp_epochs", "1", "--warmup_epochs", "1", "--print_freq", "1",
             "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2", "--data_pipeline", pipeline,
             *map(str, extra)]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    return env
-
-
-def _spawn(argv, log):
-    return subprocess.Popen([sys.executable, str(REPO / "main_ibot.py"), *argv], cwd=str(REPO), env=_env(),
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-
-def _wait_for(log, pattern, proc, timeout=240):
-    start = time.time()
-    while time.time() - start < timeout:
-        if re.search(pattern, Path(log).read_text()):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"ended (rc {proc.returncode}) before {pattern!r}:\n{Path(log).read_text()[-3000:]}")
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"timeout waiting for {pattern!r}")
 
 
 def _max_diff(a, b):
