@@ -42,6 +42,7 @@ from ibot.utils.checkpoint import (CorruptCheckpointError, load_newest_intact, r
                                    restart_from_checkpoint, rolling_checkpoints, save_checkpoint)
 from ibot.utils.distributed import unwrap
 from ibot.utils.misc import fix_random_seeds, print_run_header
+from ibot.utils.resources import process_resources
 
 
 class ConfigError(ValueError):
@@ -447,10 +448,12 @@ def train_ibot(args):
                                               "student": unwrap(student).backbone})
                     print(f"Epoch {epoch} k-NN: {knn_stats}", flush=True)
                 if ctx.is_main:
-                    log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **knn_stats, "epoch": epoch}
+                    resources = process_resources()  # the record that shows growth over a long run
+                    log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, **knn_stats, "epoch": epoch,
+                                 **resources}
                     with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                         f.write(json.dumps(log_stats) + "\n")
-                    for k, v in {**train_stats, **knn_stats}.items():
+                    for k, v in {**train_stats, **knn_stats, **resources}.items():
                         writer.add_scalar(k, v, epoch)
                     writer.flush()
                     if dataset.num_bad_images:
