@@ -417,3 +417,98 @@ def test_torchrun_restart_after_a_killed_rank_ends_like_an_uninterrupted_run(tmp
     assert re.search(r"Found checkpoint at .*checkpoint\.pth", text) and "Resuming inside epoch 1" in text
     final, expected = safe_load(tmp_path / "out" / "checkpoint.pth"), safe_load(tmp_path / "ref" / "checkpoint.pth")
     assert final["epoch"] == 2 and _teacher_diff(final, expected) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# several nodes: two torchrun launchers (--nnodes 2, c10d rendezvous) on one machine
+# ------------------------------------------------------------------------------------------------
+def _launcher(argv, log, port, run_id):
+    """One 'node' of a 2-node job: a torchrun launcher with one process, joined by c10d rendezvous."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", run_id,
+           "--max-restarts", "0", str(REPO / "main_ibot.py"), *argv]
+    return subprocess.Popen(cmd, cwd=str(REPO), env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def _kill_node(proc):
+    """SIGKILL a launcher and everything under it, as a node that loses power (torchrun starts its
+    workers in sessions of their own, so a process-group kill would miss them)."""
+    tree, queue = [], [proc.pid]
+    while queue:
+        pid = queue.pop()
+        tree.append(pid)
+        try:
+            queue += _children(pid)
+        except OSError:
+            pass
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find the ranks")
+def test_two_launchers_train_and_resume_like_one_launcher_with_two_processes(tmp_path, small):
+    """Node failure: both 'nodes' are killed in the middle of the last epoch, relaunched with
+    --auto_resume, and the run ends with the teacher of one launcher running 2 processes throughout."""
+    flags = ["--epochs", "2", "--auto_resume", "true", "--save_every_iters", "1"]
+    # 2 ranks × 4 images: 5 iterations per epoch, so the kill lands well inside the last epoch
+    reference = _torchrun(_flags(small["train"], tmp_path / "ref", *flags, batch=4), tmp_path / "ref.log", 0)
+    assert reference.wait(timeout=240) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    argv = _flags(small["train"], tmp_path / "out", *flags, batch=4)
+
+    def launch(attempt):
+        port = _free_port()
+        return [_launcher(argv, tmp_path / f"node{n}_{attempt}.log", port, f"job{attempt}") for n in range(2)]
+
+    nodes = launch(0)
+    try:
+        _wait_for(tmp_path / "node0_0.log", r"Epoch: \[1/2\]\s+\[1/5\]", nodes[0], timeout=240)
+    finally:
+        for proc in nodes:
+            _kill_node(proc)
+    first = (tmp_path / "node0_0.log").read_text() + (tmp_path / "node1_0.log").read_text()
+    assert "| distributed init (rank 0" in first and "| distributed init (rank 1" in first, first[-3000:]
+
+    nodes = launch(1)
+    try:
+        for n, proc in enumerate(nodes):
+            assert proc.wait(timeout=300) == 0, (tmp_path / f"node{n}_1.log").read_text()[-4000:]
+    finally:
+        for proc in nodes:
+            if proc.poll() is None:
+                _kill_node(proc)
+    second = (tmp_path / "node0_1.log").read_text() + (tmp_path / "node1_1.log").read_text()
+    assert "Resuming inside epoch 1" in second, second[-4000:]
+    final, expected = safe_load(tmp_path / "out" / "checkpoint.pth"), safe_load(tmp_path / "ref" / "checkpoint.pth")
+    assert final["epoch"] == 2 and _teacher_diff(final, expected) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# load: memory and open files stay flat over a run
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc for current RSS and open files")
+def test_memory_and_open_files_stay_flat_over_ten_epochs(tmp_path, small):
+    """Every epoch re-creates the loader workers, runs a k-NN evaluation, saves a rolling checkpoint and
+    an epoch checkpoint, and writes TensorBoard scalars; log.txt records the process's RSS and open
+    file descriptors after each. After epoch 2 and after epoch 10 they differ by less than 5 %."""
+    root = small["train"].parent
+    argv = _flags(small["small"], tmp_path / "out", "--epochs", "10", "--eval_every", "1", "--eval_data_path", root,
+                  "--eval_resize_size", "32", "--eval_crop_size", "32", "--eval_num_workers", "1",
+                  "--saveckp_freq", "1", batch=16)
+    argv[argv.index("--num_workers") + 1] = "2"
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen([sys.executable, str(REPO / "main_ibot.py"), *argv], cwd=str(REPO), env=_env(),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(10)) and all("knn_top1_teacher" in r for r in rows)
+    rss, fds = [r["proc_rss_mib"] for r in rows], [r["proc_open_fds"] for r in rows]
+    print("RSS MiB by epoch:", rss, "\nopen fds by epoch:", fds)
+    assert abs(rss[9] - rss[1]) / rss[1] < 0.05, rss
+    assert abs(fds[9] - fds[1]) / fds[1] < 0.05, fds
+    assert len(list((tmp_path / "out").glob("checkpoint000*.pth"))) == 9  # epoch checkpoints 1..9 were written
