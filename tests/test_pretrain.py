@@ -1,6 +1,7 @@
 """End-to-end pre-training, the checkpoint format, resume (ours and the official file) and bad flags."""
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def parse(argv):
 
 @pytest.fixture(scope="module")
 def trained_run(fmnist_small, tmp_path_factory):
-    """2 epochs of vit_tiny/4 on 300 Fashion-MNIST images (32 px), then --load_from for a third."""
+    """2 epochs of vit_tiny/8 on 300 Fashion-MNIST images (32 px), then --load_from for a third."""
     out = tmp_path_factory.mktemp("run")
     argv = TINY + ["--data_path", str(fmnist_small / "train"), "--output_dir", str(out), "--epochs", "2"]
     main_ibot.main(argv)
@@ -52,7 +53,8 @@ def test_end_to_end_files_and_resume(trained_run):
                                                                   "checkpoint0002.pth"]
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [0, 1, 2]          # the resumed run trained epoch 2 only
-    assert list(lines[0]) == LOG_KEYS
+    assert list(lines[0])[:len(LOG_KEYS)] == LOG_KEYS  # the official keys, in order, then the resource record
+    assert list(lines[0])[len(LOG_KEYS):] == ["proc_rss_mib", "proc_open_fds"]
     assert lines[0]["train_adjacc"] == -1 and 0 <= lines[0]["train_nmi"] <= 1
     assert all(torch.isfinite(torch.tensor(line["train_loss"])) for line in lines)
     assert list((out / "tf_logs").glob("events.out.tfevents.*"))
@@ -209,25 +211,38 @@ BAD_FLAGS = [
 ]
 
 
+def _main_exit(argv, capsys):
+    """Run ``main_ibot.main(argv)`` in this process; returns (exit code, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main_ibot.main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra,flag", BAD_FLAGS, ids=[f for _, f in BAD_FLAGS])
-def test_bad_flags_stop_before_training_without_traceback(tmp_path, fmnist_small, extra, flag):
+def test_bad_flags_stop_before_training(tmp_path, fmnist_small, capsys, extra, flag):
     argv = ["--data_path", str(fmnist_small / "train"), "--output_dir", str(tmp_path)] + extra
-    proc = subprocess.run([sys.executable, str(REPO / "main_ibot.py")] + argv, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2
-    assert flag in proc.stderr and "Traceback" not in proc.stderr
+    code, err = _main_exit(argv, capsys)
+    assert code == 2 and flag in err
     assert not (tmp_path / "checkpoint.pth").exists()
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])
-def test_bad_data_path(tmp_path, make):
+def test_bad_data_path(tmp_path, capsys, make):
     data = tmp_path / "data"
     if make == "empty":
         data.mkdir()
-    proc = subprocess.run([sys.executable, str(REPO / "main_ibot.py"), "--data_path", str(data), "--output_dir",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    code, err = _main_exit(["--data_path", str(data), "--output_dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and str(data) in err
+
+
+def test_bad_flag_on_the_command_line_exits_2_without_traceback(tmp_path, fmnist_small):
+    """The same checks seen from a shell (one subprocess; the cases above run in-process)."""
+    argv = ["--data_path", str(fmnist_small / "train"), "--output_dir", str(tmp_path), "--epochs", "20"]
+    proc = subprocess.run([sys.executable, str(REPO / "main_ibot.py")] + argv, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 2
-    assert str(data) in proc.stderr and "Traceback" not in proc.stderr
+    assert "--epochs" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoint.pth").exists()
 
 
 def test_parser_keeps_official_defaults():
@@ -276,11 +291,15 @@ def test_flat_folder_trains_without_label_metrics(tmp_path, fmnist_small):
 def test_swin_tiny_short_epoch_with_masking(tmp_path, fmnist_small):
     """One CPU epoch of swin_tiny with block masks on 64-px crops writes an official-format checkpoint;
     its teacher backbone then serves the k-NN protocol and the backbone extraction."""
-    out = tmp_path / "swin"
-    main_ibot.main(["--data_path", str(fmnist_small / "train"), "--output_dir", str(out), "--arch", "swin_tiny",
+    out, data = tmp_path / "swin", tmp_path / "data"
+    for cls in sorted((fmnist_small / "train").iterdir()):  # 2 images per class: one batch of 20
+        (data / cls.name).mkdir(parents=True)
+        for img in sorted(cls.iterdir())[:2]:
+            shutil.copy(img, data / cls.name / img.name)
+    main_ibot.main(["--data_path", str(data), "--output_dir", str(out), "--arch", "swin_tiny",
                     "--patch_size", "4", "--window_size", "7", "--global_crops_size", "64", "--out_dim", "64",
                     "--patch_out_dim", "64", "--head_hidden_dim", "32", "--head_bottleneck_dim", "16",
-                    "--pred_ratio", "0.5", "--batch_size_per_gpu", "100", "--epochs", "1",
+                    "--pred_ratio", "0.5", "--batch_size_per_gpu", "20", "--epochs", "1",
                     "--warmup_teacher_temp_epochs", "0", "--warmup_epochs", "0", "--num_workers", "0"])
     ckpt = safe_load(out / "checkpoint.pth")
     assert ckpt["epoch"] == 1 and ckpt["args"].arch == "swin_tiny"
