@@ -258,6 +258,20 @@ def test_unsafe_checkpoint_refused_by_resume(tmp_path, capsys, fm, evil_checkpoi
     assert not marker.exists()
 
 
+def test_numpy_scalars_in_args_load_but_other_objects_do_not(tmp_path):
+    """Scripts that keep NumPy values in the Namespace (the official harness does) write files that
+    load; a NumPy array's reducer or any other callable is still refused."""
+    import numpy as np
+    path = tmp_path / "numpy_args.pth"
+    args = argparse.Namespace(lr=np.float64(5e-4), epochs=np.int64(3), ratio=np.float32(0.3), flag=np.bool_(True))
+    torch.save({"teacher": {"w": torch.ones(2)}, "args": args}, path)
+    loaded = safe_load(path)["args"]
+    assert loaded.lr == 5e-4 and loaded.epochs == 3 and loaded.flag and loaded.ratio.dtype == np.float32
+    torch.save({"args": argparse.Namespace(table=np.arange(3))}, tmp_path / "array.pth")
+    with pytest.raises(UnsafeCheckpointError, match="refusing"):
+        safe_load(tmp_path / "array.pth")
+
+
 def test_unsafe_checkpoint_refused_by_evaluation_and_extraction(tmp_path, evil_checkpoint):
     import models
     from ibot.eval.weights import load_pretrained_weights

@@ -2,7 +2,9 @@
 small rolling set of checkpoints.
 
 Official iBOT checkpoints pickle an ``argparse.Namespace`` under ``args``; it is the only non-tensor
-global they need, so it is allow-listed for ``torch.load(weights_only=True)``.
+global they need, so it is allow-listed for ``torch.load(weights_only=True)``, together with NumPy
+scalars and dtypes (``args`` written by scripts that keep NumPy values in the Namespace: rebuilding
+them only reads bytes, it calls nothing else).
 
 Checksums: :func:`save_checkpoint` writes ``<file>.sha256`` beside the checkpoint, a small JSON file
 ``{"sha256": hex digest, "bytes": size}``; :func:`safe_load` checks it before unpickling anything and
@@ -25,9 +27,22 @@ import pickle
 import shutil
 import tempfile
 
+import numpy as np
 import torch
 
-SAFE_GLOBALS = [argparse.Namespace]
+
+def _numpy_globals():
+    """What a pickled NumPy scalar needs: ``multiarray.scalar`` (its module moved in NumPy 2), the
+    ``dtype`` constructor and, in NumPy >= 1.25, the per-type dtype classes."""
+    core = getattr(np, "_core", None) or np.core
+    found = [core.multiarray.scalar, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        found += [cls for cls in vars(dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
+    return found
+
+
+SAFE_GLOBALS = [argparse.Namespace] + _numpy_globals()
 _TMP_PREFIX = ".tmp-"
 
 
@@ -131,7 +146,8 @@ def safe_load(path, map_location="cpu", verify=True):
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it needs objects that weights-only loading does not allow "
-            f"(only tensors, containers and argparse.Namespace are accepted, so that no file can run "
+            f"(only tensors, containers, argparse.Namespace and NumPy scalars are accepted, so that no "
+            f"file can run "
             f"code). Details: {err}") from None
     except (RuntimeError, EOFError) as err:
         raise CorruptCheckpointError(f"cannot read checkpoint {path}: the file is truncated or not a "
