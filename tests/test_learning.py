@@ -71,12 +71,13 @@ def test_eval_every_schedule_and_flags(fmnist_small, tmp_path):
     assert any("no train/ folder" in e for e in errors)
 
 
-def test_fmnist_demo_writes_curve_and_summary(fmnist_small, tmp_path):
+def test_fmnist_demo_writes_curve_and_summary(fmnist_folder, tmp_path):
     """./run.sh fmnist_demo with a tiny configuration (extra args) writes a readable PNG and summary.json."""
     out = tmp_path / "demo"
-    env = dict(os.environ, OUTPUT_DIR=str(out), DEMO_DATA=str(fmnist_small), PYTHON=sys.executable,
+    data = fmnist_folder(10, 5)  # 100 train / 50 val: two steps of 50 per epoch, a quick k-NN
+    env = dict(os.environ, OUTPUT_DIR=str(out), DEMO_DATA=str(data), PYTHON=sys.executable,
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    tiny = ["--epochs", "2", "--batch_size_per_gpu", "100", "--out_dim", "64", "--head_hidden_dim", "64",
+    tiny = ["--epochs", "2", "--batch_size_per_gpu", "50", "--out_dim", "64", "--head_hidden_dim", "64",
             "--head_bottleneck_dim", "32", "--local_crops_number", "0", "--num_workers", "0",
             "--eval_num_workers", "0"]
     proc = subprocess.run(["bash", os.path.join(REPO, "run.sh"), "fmnist_demo", "demo", "vit_tiny", "teacher", "0",
