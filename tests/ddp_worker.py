@@ -1,7 +1,9 @@
 """Worker for test_distributed.py: two training steps on a fixed global batch of 2B images.
 
 Run either as one plain process (sees all 2B images) or under ``torchrun --nproc_per_node 2`` (each
-rank sees its B images, gloo). Writes losses, centres and teacher weights of rank 0 to ``argv[1]``.
+rank sees its B images, gloo). ``argv[2]``: training steps to run one after the other, comma-separated
+(``fast,reference``; one launch serves both). Writes ``{step: losses, centres and teacher weights of
+rank 0}`` to ``argv[1]``.
 """
 import os
 import random
@@ -21,7 +23,8 @@ from ibot.train.step import iBOTTrainStep
 GLOBAL_BATCH = 8
 
 
-def main(out_path, train_step_impl):
+def run(train_step_impl, info):
+    """Two steps of ``train_step_impl`` on the fixed batch; rank 0's record (other ranks: None)."""
     args = get_args_parser().parse_args([
         "--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
         "--local_crops_number", "2", "--out_dim", "64", "--head_hidden_dim", "32", "--head_bottleneck_dim", "16",
@@ -29,7 +32,7 @@ def main(out_path, train_step_impl):
         "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2", "--norm_last_layer", "false",
         "--shared_head", "true", "--train_step", train_step_impl, "--lr", "0.01",
         "--batch_size_per_gpu", str(GLOBAL_BATCH // int(os.environ.get("WORLD_SIZE", 1)))])
-    ctx = make_context(args, init_distributed(args.dist_url), precision="fp32")
+    ctx = make_context(args, info, precision="fp32")
     fix_random_seeds(0)
     student, teacher = build_networks(args)
     student, teacher, teacher_without_ddp = wrap_and_init_teacher(student, teacher, ctx)
@@ -52,11 +55,19 @@ def main(out_path, train_step_impl):
                                           it, 0, (lr, wd, mom))
         for key in record:  # mean over ranks = loss of the whole batch
             record[key].append(all_reduce_sum(losses[key].detach().clone()).item() / world)
-    if rank == 0:
-        torch.save({**record, "center": loss_fn.center, "center2": loss_fn.center2,
-                    "teacher": teacher_without_ddp.state_dict()}, out_path)
+    if rank != 0:
+        return None
+    return {**record, "center": loss_fn.center, "center2": loss_fn.center2,
+            "teacher": teacher_without_ddp.state_dict()}
+
+
+def main(out_path, impls):
+    info = init_distributed("env://")
+    records = {impl: run(impl, info) for impl in impls}
+    if get_rank() == 0:
+        torch.save(records, out_path)
     shutdown_distributed()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "fast")
+    main(sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "fast").split(","))
