@@ -108,7 +108,7 @@ def learn_ade(tmp_path_factory):
     return root
 
 
-# measured with the recipe's teacher after 2 of its 3 epochs (mean of seeds 0 and 1): teacher 14.52,
+# measured with the 3-epoch teacher of the fixture (mean of seeds 0 and 1): teacher 14.52,
 # random 13.74 mIoU (per seed 15.07 vs 13.82 and 13.97 vs 13.66; docs/semantic_segmentation.md); the frozen-patch signal
 # of so short a pre-training is small, so the test asserts the sign of the two-seed mean
 LINEAR_MARGIN = 0.0
