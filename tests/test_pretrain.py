@@ -19,9 +19,9 @@ from ibot.train.step import iBOTTrainStep, unwrap
 from official_fixtures import fixture_path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--arch", "vit_tiny", "--patch_size", "4", "--global_crops_size", "32", "--local_crops_size", "16",
+TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
         "--local_crops_number", "2", "--out_dim", "512", "--head_hidden_dim", "256", "--head_bottleneck_dim", "64",
-        "--shared_head", "true", "--norm_last_layer", "false", "--batch_size_per_gpu", "64",
+        "--shared_head", "true", "--norm_last_layer", "false", "--batch_size_per_gpu", "32",
         "--warmup_teacher_temp_epochs", "1", "--warmup_epochs", "1", "--teacher_temp", "0.07",
         "--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2", "--num_workers", "2", "--saveckp_freq", "1"]
 LOG_KEYS = ["train_loss", "train_cls", "train_patch", "train_lr", "train_wd", "train_acc", "train_nmi",
@@ -33,10 +33,11 @@ def parse(argv):
 
 
 @pytest.fixture(scope="module")
-def trained_run(fmnist_small, tmp_path_factory):
-    """2 epochs of vit_tiny/8 on 300 Fashion-MNIST images (32 px), then --load_from for a third."""
+def trained_run(fmnist_folder, tmp_path_factory):
+    """2 epochs of vit_tiny/8 on 100 Fashion-MNIST images (32 px; 3 steps of 32 per epoch), then
+    --load_from for a third."""
     out = tmp_path_factory.mktemp("run")
-    argv = TINY + ["--data_path", str(fmnist_small / "train"), "--output_dir", str(out), "--epochs", "2"]
+    argv = TINY + ["--data_path", str(fmnist_folder(10, 5) / "train"), "--output_dir", str(out), "--epochs", "2"]
     main_ibot.main(argv)
     first = {name: (out / name).stat().st_mtime_ns for name in ("checkpoint.pth", "checkpoint0001.pth")}
     two_epochs = safe_load(out / "checkpoint.pth")
