@@ -19,7 +19,7 @@ from ibot.train.run_lock import RunLock, RunLockError
 from ibot.utils.checkpoint import (CheckpointWriteError, DamagedCheckpointError, checksum_path,
                                    previous_checkpoint_path, rolling_checkpoints, safe_load, save_checkpoint)
 
-from main_process import child_env as _env, wait_for
+from main_process import child_env as _env, spawn_main, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -501,16 +501,16 @@ def test_two_launchers_train_and_resume_like_one_launcher_with_two_processes(tmp
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc for current RSS and open files")
 def test_memory_and_open_files_stay_flat_over_ten_epochs(tmp_path, small):
     """Every epoch re-creates the loader workers, saves a rolling checkpoint and an epoch checkpoint and
-    writes TensorBoard scalars, every second one runs a k-NN evaluation (epochs 2 and 10 included); log.txt records the process's RSS and open
-    file descriptors after each. After epoch 2 and after epoch 10 they differ by less than 5 %."""
+    writes TensorBoard scalars; every second one runs a k-NN evaluation (epochs 2 and 10 included).
+    log.txt records the process's RSS and open file descriptors after each epoch; after epoch 2 and
+    after epoch 10 they differ by less than 5 %."""
     root = small["train"].parent
     argv = _flags(small["small"], tmp_path / "out", "--epochs", "10", "--eval_every", "2", "--eval_data_path", root,
                   "--eval_resize_size", "32", "--eval_crop_size", "32", "--eval_num_workers", "1",
                   "--saveckp_freq", "1", batch=16)
     argv[argv.index("--num_workers") + 1] = "2"
     log = tmp_path / "run.log"
-    proc = subprocess.Popen([sys.executable, str(REPO / "main_ibot.py"), *argv], cwd=str(REPO), env=_env(),
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    proc = spawn_main(argv, log)
     assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(10))

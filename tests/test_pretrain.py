@@ -1,7 +1,6 @@
 """End-to-end pre-training, the checkpoint format, resume (ours and the official file) and bad flags."""
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -223,7 +222,7 @@ def _main_exit(argv, capsys):
 def test_bad_flags_stop_before_training(tmp_path, fmnist_small, capsys, extra, flag):
     argv = ["--data_path", str(fmnist_small / "train"), "--output_dir", str(tmp_path)] + extra
     code, err = _main_exit(argv, capsys)
-    assert code == 2 and flag in err
+    assert code == 2 and flag in err and "Traceback" not in err
     assert not (tmp_path / "checkpoint.pth").exists()
 
 
@@ -233,7 +232,7 @@ def test_bad_data_path(tmp_path, capsys, make):
     if make == "empty":
         data.mkdir()
     code, err = _main_exit(["--data_path", str(data), "--output_dir", str(tmp_path / "out")], capsys)
-    assert code == 2 and str(data) in err
+    assert code == 2 and str(data) in err and "Traceback" not in err
 
 
 def test_bad_flag_on_the_command_line_exits_2_without_traceback(tmp_path, fmnist_small):
@@ -289,14 +288,10 @@ def test_flat_folder_trains_without_label_metrics(tmp_path, fmnist_small):
 
 
 @pytest.mark.slow
-def test_swin_tiny_short_epoch_with_masking(tmp_path, fmnist_small):
+def test_swin_tiny_short_epoch_with_masking(tmp_path, fmnist_folder):
     """One CPU epoch of swin_tiny with block masks on 64-px crops writes an official-format checkpoint;
     its teacher backbone then serves the k-NN protocol and the backbone extraction."""
-    out, data = tmp_path / "swin", tmp_path / "data"
-    for cls in sorted((fmnist_small / "train").iterdir()):  # 2 images per class: one batch of 20
-        (data / cls.name).mkdir(parents=True)
-        for img in sorted(cls.iterdir())[:2]:
-            shutil.copy(img, data / cls.name / img.name)
+    out, data = tmp_path / "swin", fmnist_folder(2, 1) / "train"  # 2 images per class: one batch of 20
     main_ibot.main(["--data_path", str(data), "--output_dir", str(out), "--arch", "swin_tiny",
                     "--patch_size", "4", "--window_size", "7", "--global_crops_size", "64", "--out_dim", "64",
                     "--patch_out_dim", "64", "--head_hidden_dim", "32", "--head_bottleneck_dim", "16",

@@ -147,8 +147,7 @@ def safe_load(path, map_location="cpu", verify=True):
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it needs objects that weights-only loading does not allow "
             f"(only tensors, containers, argparse.Namespace and NumPy scalars are accepted, so that no "
-            f"file can run "
-            f"code). Details: {err}") from None
+            f"file can run code). Details: {err}") from None
     except (RuntimeError, EOFError) as err:
         raise CorruptCheckpointError(f"cannot read checkpoint {path}: the file is truncated or not a "
                                      f"torch.save file ({type(err).__name__}: {err})") from None
