@@ -104,14 +104,17 @@ def test_training_refuses_bad_settings_before_training(tmp_path, tiny_ade, one_t
 @pytest.fixture(scope="module")
 def learn_ade(tmp_path_factory):
     root = tmp_path_factory.mktemp("fmnist_ade_learn")
-    build_fmnist_ade20k(str(root), num_train=200, num_val=60, canvas=(32, 96), seed=0)  # one row of 32-px cells
+    # one row of three 32-px cells, each holding a full-size garment (32 px, the frame the teacher was
+    # pre-trained on): the test's 32-px windows at x = 0 and 64 see a garment as in pre-training
+    build_fmnist_ade20k(str(root), num_train=200, num_val=60, canvas=(32, 96), fill=1.0, sizes=(32, 32), seed=0)
     return root
 
 
-# measured with the 3-epoch teacher of the fixture (mean of seeds 0 and 1): teacher 14.52,
-# random 13.74 mIoU (per seed 15.07 vs 13.82 and 13.97 vs 13.66; docs/semantic_segmentation.md); the frozen-patch signal
-# of so short a pre-training is small, so the test asserts the sign of the two-seed mean
-LINEAR_MARGIN = 0.0
+# measured with the 3-epoch teacher of the fixture (docs/semantic_segmentation.md): teacher 15.92 / 17.93,
+# random 13.66 / 15.82 mIoU for seeds 0 / 1 (paired margins +2.26 / +2.10; seed 2: +2.19). The seed moves
+# both backbones alike (same head initialisation and crops), so the margin is asserted per seed
+LINEAR_MARGIN_PER_SEED = 1.0
+LINEAR_MARGIN_MEAN = 1.5
 
 
 @pytest.mark.slow
@@ -129,10 +132,12 @@ def test_linear_protocol_on_pretrained_teacher_beats_random_backbone(fmnist_teac
                 "--seed", seed, "--pretrained_weights", weights, "--checkpoint_key", "teacher"]))
             scores[name].append(metrics["mIoU"])
     teacher, random = (sum(v) / len(v) for v in (scores["teacher"], scores["random"]))
+    paired = [t - r for t, r in zip(scores["teacher"], scores["random"])]
     with capsys.disabled():
         print(f"\nlinear ADE20K-layout Fashion-MNIST mIoU (seeds 0, 1): teacher {scores['teacher']} "
-              f"mean {teacher:.2f}, random {scores['random']} mean {random:.2f}")
-    assert teacher > random + LINEAR_MARGIN
+              f"mean {teacher:.2f}, random {scores['random']} mean {random:.2f}, paired margins {paired}")
+    assert min(paired) > LINEAR_MARGIN_PER_SEED, paired
+    assert teacher > random + LINEAR_MARGIN_MEAN
     # the backbone stayed frozen: the checkpoint holds the teacher's weights
     from ibot.eval.weights import backbone_state_dict, select_state_dict
     loaded, _ = backbone_state_dict(select_state_dict(safe_load(fmnist_teacher.checkpoint), "teacher")[0])
