@@ -15,7 +15,8 @@ scores the final teacher and student of both sides' checkpoints. Writes, into ``
 * ``learning_parity.png`` — the curves of both sides side by side (mean line, min–max band).
 
 Runs are resumable: a seed whose ``log.txt`` already holds ``--epochs`` epochs (and whose k-NN JSON
-exists) is not run again. The official side needs ``$IBOT_REF`` (a checkout of bytedance/ibot) and
+exists) is not run again, and ``--reuse_record FILE`` takes the seeds of an earlier record made with
+the same budget (to add seeds to a committed table on another machine). The official side needs ``$IBOT_REF`` (a checkout of bytedance/ibot) and
 ``tensorboardX``/``munkres`` importable (``--official_pythonpath``); see the harness README. This
 is a benchmark: CI never runs it (``tests/test_learning_parity.py`` replays this repository's side
 against the committed official figures).
@@ -68,6 +69,10 @@ def get_args_parser():
                    help="extra import path for the official side (tensorboardX, munkres)")
     p.add_argument("--harness", default=HARNESS, help="run_official.py")
     p.add_argument("--no_knn", action="store_true", help="skip the final k-NN")
+    p.add_argument("--reuse_record", default="",
+                   help="a learning_parity.json of an earlier run: its (side, seed) figures are taken as "
+                        "done when its recipe, epochs and data size equal this run's (adds seeds to a "
+                        "committed table without its run folders)")
     return p
 
 
@@ -133,11 +138,32 @@ def _run(cmd, env, log_path):
         raise SystemExit(f"command failed (exit {res.returncode}); see {log_path}:\n  {shlex.join(cmd)}")
 
 
+def reusable_figures(args):
+    """``{side: {seed: figures}}`` of ``--reuse_record`` when it was made with this run's budget, else {}."""
+    if not args.reuse_record:
+        return {}
+    if not os.path.isfile(args.reuse_record):
+        raise SystemExit(f"--reuse_record {args.reuse_record}: no such file")
+    rec = json.load(open(args.reuse_record))
+    mine = {"recipe": RECIPE, "epochs": args.epochs, "per_class_train": args.per_class_train,
+            "per_class_val": args.per_class_val}
+    differ = [k for k, v in mine.items() if rec.get(k) != v]
+    if differ:
+        raise SystemExit(f"--reuse_record {args.reuse_record}: made with another {', '.join(differ)}")
+    return {side: {int(seed): fig for seed, fig in seeds.items() if len(fig["epochs"]) >= args.epochs}
+            for side, seeds in rec["raw"].items()}
+
+
 def run_all(args):
     """Run every missing (side, seed) pre-training and k-NN; returns the raw figures and the commands."""
     jobs = [(side, seed) for seed in args.seeds for side in args.sides]
     raw, commands, done_s, t_start = {}, [], [], time.time()
+    reused = reusable_figures(args)
     for i, (side, seed) in enumerate(jobs):
+        if seed in reused.get(side, {}):
+            raw.setdefault(side, {})[str(seed)] = reused[side][seed]
+            print(f"[{i + 1}/{len(jobs)}] {side} seed {seed}: taken from {args.reuse_record}", flush=True)
+            continue
         out = os.path.abspath(os.path.join(args.work_dir, f"{side}_s{seed}"))
         os.makedirs(out, exist_ok=True)
         cmd = pretrain_command(side, seed, args, out)
@@ -262,6 +288,9 @@ def main(argv=None):
     from ibot.data.fmnist import build_fmnist_folder
     build_fmnist_folder(args.data, size=32, per_class_train=args.per_class_train, per_class_val=args.per_class_val)
     raw, commands = run_all(args)
+    if args.reuse_record:  # the commands of the reused runs, as that record wrote them
+        old = json.load(open(args.reuse_record))["commands"]
+        commands = old + [c for c in commands if c not in old]
     summary = summarize(raw, args.epochs)
     os.makedirs(args.out_dir, exist_ok=True)
     budget = (f"{args.epochs} epochs x seeds {args.seeds}, Fashion-MNIST {args.per_class_train * 10}/"

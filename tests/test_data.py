@@ -14,6 +14,7 @@ import loader
 from ibot.data.augment import DataAugmentationiBOT, GaussianBlur, Solarization, color_jitter
 from ibot.data.folders import BadImageError, ImageFolderInstance, ImageFolderMask, rgb_loader
 from ibot.data.fmnist import CLASS_DIRS, DEFAULT_SRC, build_fmnist_folder, load_split
+from repo_files import load_repo_file
 
 MASK_KW = dict(patch_size=4, pred_ratio=[0.0, 0.3], pred_ratio_var=[0.0, 0.2],
                pred_aspect_ratio=(0.3, 1 / 0.3), pred_shape="block")
@@ -272,11 +273,7 @@ def test_fmnist_converter(tmp_path):
 
 
 def test_make_fmnist_cli(tmp_path, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "make_fmnist", os.path.join(os.path.dirname(__file__), os.pardir, "tools", "make_fmnist.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_repo_file("tools/make_fmnist.py")
     assert mod.main(["--out", str(tmp_path / "o"), "--size", "28", "--per_class_train", "1",
                      "--per_class_val", "1"]) == 0
     assert "train 10 / val 10" in capsys.readouterr().out

@@ -1,20 +1,13 @@
 """The library face: examples/own_training_loop.py pre-trains with the package's pieces inside a plain
 user-written PyTorch loop."""
-import importlib.util
 import math
-import os
 
 import torch
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_files import load_repo_file
 
 
 def _load_example():
-    spec = importlib.util.spec_from_file_location("own_training_loop",
-                                                  os.path.join(REPO, "examples", "own_training_loop.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_file("examples/own_training_loop.py")
 
 
 def test_own_training_loop_trains_a_few_steps(fmnist_small):

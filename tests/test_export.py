@@ -1,7 +1,5 @@
 """Backbone extraction (official formats) and timm export."""
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
@@ -9,16 +7,13 @@ import torch
 from ibot.utils.checkpoint import safe_load
 from ibot.eval.export import ExportError, export_timm, timm_config, to_timm_state_dict
 from official_fixtures import FIXTURES
+from repo_files import load_repo_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL = str(FIXTURES / "official_checkpoint.pth")
 
 
 def _module(rel):
-    spec = importlib.util.spec_from_file_location(rel.replace("/", "_")[:-3], os.path.join(ROOT, rel))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_repo_file(rel)
 
 
 def _run(rel, argv):

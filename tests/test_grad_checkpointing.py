@@ -15,10 +15,8 @@ BLAS or thread count cannot make them flaky, while a wrong drop-path replay fail
 control).
 """
 import copy
-import importlib.util
 import random
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,11 +28,12 @@ import ibot.models.vision_transformer as vit_mod
 from ibot.train import driver as pretrain
 from ibot.train.flags import get_args_parser
 from ibot.data.masking import MaskGenerator
-from ibot.train.optim import build_optimizer, common_parameters, get_params_groups
+from ibot.train.optim import build_optimizer, get_params_groups
 from ibot.train.context import RunContext
 from ibot.train.step import iBOTTrainStep, unwrap
 from ibot.models.swin_transformer import SwinTransformer
 from tiny_models import register_tiny_arch, tiny_vit
+from repo_files import load_repo_file
 
 B = 4          # images per crop
 GRID = (4, 4)  # 32-px global crops, patch 8
@@ -135,10 +134,7 @@ def test_flag_default_off_and_parsed():
 
 def test_benchmark_accepts_the_flag():
     """``benchmarks/train_step.py`` takes every main_ibot flag (its parser's parent), this one too."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
-    spec = importlib.util.spec_from_file_location("bench_train_step", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_repo_file("benchmarks/train_step.py")
     args = bench.get_parser().parse_args(["--grad_checkpointing", "true", "--arch", "vit_tiny"])
     assert args.grad_checkpointing is True
     assert bench.get_parser().parse_args([]).grad_checkpointing is False

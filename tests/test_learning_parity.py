@@ -7,11 +7,11 @@ seeds of the record, and finds the two-seed mean of the per-epoch ``loss``, ``ac
 official seeds spanned (plus a small margin).
 """
 import argparse
-import importlib.util
 import json
 import os
 
 import pytest
+from repo_files import load_repo_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD = os.path.join(REPO, "benchmarks", "data", "learning_parity", "learning_parity.json")
@@ -31,10 +31,7 @@ def _band(stats, margin):
 def test_first_epochs_within_official_spread(fmnist_folder, tmp_path):
     from main_ibot import get_args_parser
     from ibot.train.driver import train_ibot
-    spec = importlib.util.spec_from_file_location("learning_parity",
-                                                  os.path.join(REPO, "benchmarks", "learning_parity.py"))
-    learning_parity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(learning_parity)
+    learning_parity = _parity_module()
 
     record = json.load(open(RECORD))
     official = record["summary"]["official"]["per_epoch"]
@@ -56,3 +53,30 @@ def test_first_epochs_within_official_spread(fmnist_folder, tmp_path):
             assert lo <= mean <= hi, (f"epoch {epoch + 1} {metric}: ours {mean:.4f} (seeds "
                                       f"{[round(r[epoch][metric], 4) for r in ours.values()]}) outside the "
                                       f"official band [{lo:.4f}, {hi:.4f}] ({off[metric]})")
+
+
+def _parity_module():
+    return load_repo_file("benchmarks/learning_parity.py")
+
+
+def test_reuse_record_takes_complete_seeds_of_the_same_budget_only(tmp_path):
+    """``--reuse_record``: seeds of a committed record count as done when recipe, epochs and data size
+    match; a record of another budget is refused by name; a seed with fewer epochs is run again."""
+    parity = _parity_module()
+    record = json.load(open(RECORD))
+    args = parity.get_args_parser().parse_args(
+        ["--epochs", str(record["epochs"]), "--per_class_train", str(record["per_class_train"]),
+         "--per_class_val", str(record["per_class_val"]), "--reuse_record", RECORD])
+    reused = parity.reusable_figures(args)
+    assert sorted(reused["official"]) == sorted(record["seeds"]) == sorted(reused["ours"])
+    assert reused["ours"][record["seeds"][0]] == record["raw"]["ours"][str(record["seeds"][0])]
+
+    short = dict(record, raw={"ours": {"0": {"epochs": record["raw"]["ours"]["0"]["epochs"][:1], "knn_top1": {}}}})
+    path = tmp_path / "short.json"
+    path.write_text(json.dumps(short))
+    args.reuse_record = str(path)
+    assert parity.reusable_figures(args) == {"ours": {}}
+
+    args.epochs += 1
+    with pytest.raises(SystemExit, match="made with another epochs"):
+        parity.reusable_figures(args)

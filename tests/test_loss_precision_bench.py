@@ -1,21 +1,15 @@
 """The CUDA-autocast emulation of ``benchmarks/loss_precision.py``: inside it, ``F.softmax``,
 ``F.log_softmax`` and ``torch.sum`` of fp16 tensors compute in fp32 (autocast's float32 list), other
 fp16 arithmetic stays fp16, and everything is restored afterwards."""
-import importlib.util
-import os
 import types
 
 import torch
 import torch.nn.functional as F
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_files import load_repo_file
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("loss_precision", os.path.join(REPO, "benchmarks", "loss_precision.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_file("benchmarks/loss_precision.py")
 
 
 def test_autocast_emulation_promotes_exactly_the_float32_list_ops_and_restores():

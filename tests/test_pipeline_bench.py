@@ -1,15 +1,12 @@
 """benchmarks/loader.py (issue 17): its photo folder and its JSON line."""
-import importlib.util
 import json
 from pathlib import Path
 
 from PIL import Image
+from repo_files import load_repo_file
 
-REPO = Path(__file__).resolve().parents[1]
 # benchmarks/loader.py under its own name (the top-level loader.py door is another module)
-_spec = importlib.util.spec_from_file_location("bench_loader", REPO / "benchmarks" / "loader.py")
-loader_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(loader_bench)
+loader_bench = load_repo_file("benchmarks/loader.py")
 
 RECIPE = ["--local_crops_number", "3", "--global_crops_scale", "0.25", "1", "--local_crops_scale", "0.05", "0.25",
           "--global_crops_size", "64", "--local_crops_size", "32"]

@@ -10,17 +10,12 @@ import torch
 from ibot.data.fmnist_ade20k import NUM_SEG_CLASSES, build_fmnist_ade20k
 from ibot.eval.weights import PretrainedWeightsError
 from ibot.utils.checkpoint import safe_load
+from repo_files import load_repo_file
 
 
 
 def _load_script(name):
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "evaluation",
-                        "semantic_segmentation", name)
-    spec = importlib.util.spec_from_file_location(f"seg_{name[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_file(f"evaluation/semantic_segmentation/{name}")
 
 
 def _run(script, argv):

@@ -4,9 +4,7 @@ Each backbone (random weights) goes through the exporter script; the JSON beside
 timm model that ``timm.create_model`` builds, the state dict loads into it strictly, and the timm
 model's features equal ours (atol 1e-5) on a few images.
 """
-import importlib.util
 import json
-import os
 
 import pytest
 import timm
@@ -15,16 +13,11 @@ import torch
 from ibot.models import create_model
 from ibot.eval.export import timm_config, to_timm_state_dict
 from ibot.utils.checkpoint import atomic_save, safe_load
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from repo_files import load_repo_file
 
 
 def _exporter():
-    spec = importlib.util.spec_from_file_location("extract_backbone_weights",
-                                                  os.path.join(ROOT, "extract_backbone_weights.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_repo_file("extract_backbone_weights.py")
 
 
 def _export_and_compare(tmp_path, ours, img, capsys, n_images=2, key="teacher"):
