@@ -141,15 +141,26 @@ def run_steps(args, batches, epoch=1):
     return record, student, teacher
 
 
-def _assert_grads_close(gf, gr):
+# Gradient tolerance, as a fraction of the largest gradient entry. Step 0 starts both paths from the same
+# weights, so only fp32 rounding separates them. At later steps the weights themselves differ: Adam
+# normalises each entry's update, so an entry whose gradient is rounding noise moves by up to ~lr in
+# either direction (see assert_weights_close), and the next gradients differ by more than rounding.
+# Measured on an AMD EPYC (2 cores): step 0 at most 2.0e-6 in this file; later steps at most 6.2e-6, except
+# 7.7e-5 for full_crop+random (which passed 1e-5 on the CPUs of earlier CI runs).
+GRAD_TOL_FIRST_STEP = 1e-5
+GRAD_TOL_LATER_STEPS = 3e-4
+
+
+def _assert_grads_close(gf, gr, step=0):
     assert gf.keys() == gr.keys()
     scale = max(g.abs().max().item() for g in gr.values() if g is not None)
     assert scale > 0
+    atol = (GRAD_TOL_FIRST_STEP if step == 0 else GRAD_TOL_LATER_STEPS) * scale
     for name in gr:
         if gr[name] is None:
             assert gf[name] is None, name
             continue
-        torch.testing.assert_close(gf[name], gr[name], rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(gf[name], gr[name], rtol=1e-4, atol=atol, msg=lambda m: f"step {step} {name}: {m}")
 
 
 def assert_weights_close(s_f, t_f, s_r, t_r, rec_r):
@@ -190,7 +201,7 @@ def compare_paths(flags, mask_names, epoch=1, single_pass=False):
         for k in ("cls", "patch", "loss"):
             torch.testing.assert_close(a["losses"][k], b["losses"][k], rtol=1e-5, atol=1e-6,
                                        msg=lambda m: f"step {step} loss {k}: {m}")
-        _assert_grads_close(a["grads"], b["grads"])
+        _assert_grads_close(a["grads"], b["grads"], step)
         torch.testing.assert_close(a["center"], b["center"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a["center2"], b["center2"], rtol=1e-5, atol=1e-6)
     assert_weights_close(s_f, t_f, s_r, t_r, rec_r)
@@ -231,10 +242,10 @@ def test_fast_equals_reference_configs(flags):
         batches = [(imgs, masks), (copy.deepcopy(imgs), random_masks(4, ng=3))]
         rec_f, s_f, t_f = run_steps(args, copy.deepcopy(batches))
         rec_r, s_r, t_r = run_steps(make_args(*flags, train_step="reference"), copy.deepcopy(batches))
-        for a, b in zip(rec_f, rec_r):
+        for step, (a, b) in enumerate(zip(rec_f, rec_r)):
             for k in ("cls", "patch", "loss"):
                 torch.testing.assert_close(a["losses"][k], b["losses"][k], rtol=1e-5, atol=1e-6)
-            _assert_grads_close(a["grads"], b["grads"])
+            _assert_grads_close(a["grads"], b["grads"], step)
             torch.testing.assert_close(a["center2"], b["center2"], rtol=1e-5, atol=1e-6)
         assert_weights_close(s_f, t_f, s_r, t_r, rec_r)
         return
