@@ -68,6 +68,10 @@ def get_args_parser():
     p.add_argument("--official_pythonpath", default="",
                    help="extra import path for the official side (tensorboardX, munkres)")
     p.add_argument("--harness", default=HARNESS, help="run_official.py")
+    p.add_argument("--ours_flags", default="",
+                   help="extra main_ibot.py flags of our side, one string (e.g. \"--sample_seeding false\"); "
+                        "use another --work_dir and --out_dir for such runs; --reuse_record then reuses "
+                        "the official side only")
     p.add_argument("--no_knn", action="store_true", help="skip the final k-NN")
     p.add_argument("--reuse_record", default="",
                    help="a learning_parity.json of an earlier run: its (side, seed) figures are taken as "
@@ -107,7 +111,7 @@ def pretrain_command(side, seed, args, out):
     common = RECIPE + ["--epochs", str(args.epochs), "--seed", str(seed), "--num_workers", str(args.num_workers),
                        "--data_path", os.path.join(args.data, "train"), "--output_dir", out]
     if side == "ours":
-        return [sys.executable, os.path.join(REPO, "main_ibot.py")] + common + OURS_SIZES
+        return [sys.executable, os.path.join(REPO, "main_ibot.py")] + common + OURS_SIZES + args.ours_flags.split()
     return [sys.executable, args.harness, "pretrain"] + common + OFFICIAL_SIZES + ["--threads", str(args.threads)]
 
 
@@ -150,8 +154,10 @@ def reusable_figures(args):
     differ = [k for k, v in mine.items() if rec.get(k) != v]
     if differ:
         raise SystemExit(f"--reuse_record {args.reuse_record}: made with another {', '.join(differ)}")
+    # our side's runs of the record were made without --ours_flags, so with such flags only the official
+    # side is reused
     return {side: {int(seed): fig for seed, fig in seeds.items() if len(fig["epochs"]) >= args.epochs}
-            for side, seeds in rec["raw"].items()}
+            for side, seeds in rec["raw"].items() if not (side == "ours" and args.ours_flags)}
 
 
 def run_all(args):

@@ -162,6 +162,42 @@ def test_seeded_dataset_is_worker_independent(class_folder):
     assert not any(torch.equal(x, y) for x, y in zip(ds[4][0], c1))
 
 
+def test_sample_seeding_flag_selects_per_sample_or_official_streams(class_folder):
+    """``--sample_seeding`` (default true): per-sample seeds, masks for the global crops, a loader generator
+    of its own. ``false``: the official streams: global RNGs (so the caller's seeds decide the draws),
+    masks for every crop, worker seeds from the global torch RNG (no loader generator)."""
+    import random
+    from types import SimpleNamespace
+    from ibot.train.driver import build_data_loader, build_dataset
+    from ibot.train.flags import get_args_parser
+    base = ["--data_path", str(class_folder), "--global_crops_size", "32", "--local_crops_size", "16",
+            "--local_crops_number", "2", "--batch_size_per_gpu", "2", "--num_workers", "0"]
+    ctx = SimpleNamespace(world_size=1, rank=0, device=torch.device("cpu"))
+    seeded = build_dataset(get_args_parser().parse_args(base))
+    seeded.set_epoch(1)
+    assert (seeded.seed, seeded.mask_crops) == (0, 2)
+    crops, _, masks = seeded[3]
+    assert len(crops) == 4 and len(masks) == 2
+    assert all(torch.equal(x, y) for x, y in zip(crops, seeded[3][0]))   # same (seed, epoch, index)
+    assert build_data_loader(seeded, get_args_parser().parse_args(base), ctx)[1].generator is not None
+
+    off_args = get_args_parser().parse_args(base + ["--sample_seeding", "false"])
+    official = build_dataset(off_args)
+    official.set_epoch(1)
+    assert (official.seed, official.mask_crops) == (None, None)
+    draws = []
+    for _ in range(2):
+        random.seed(5)
+        torch.manual_seed(5)
+        draws.append(official[3])
+    (c1, _, m1), (c2, _, m2) = draws
+    assert len(m1) == 4                                                  # every crop, as official
+    assert all(torch.equal(x, y) for x, y in zip(c1, c2))               # the global seeds decide
+    assert all(np.array_equal(x, y) for x, y in zip(m1, m2))
+    assert not all(torch.equal(x, y) for x, y in zip(official[3][0], c1))  # next draw of the stream
+    assert build_data_loader(official, off_args, ctx)[1].generator is None
+
+
 def test_flat_folder(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(3):

@@ -70,6 +70,9 @@ def test_reuse_record_takes_complete_seeds_of_the_same_budget_only(tmp_path):
     reused = parity.reusable_figures(args)
     assert sorted(reused["official"]) == sorted(record["seeds"]) == sorted(reused["ours"])
     assert reused["ours"][record["seeds"][0]] == record["raw"]["ours"][str(record["seeds"][0])]
+    args.ours_flags = "--sample_seeding false"       # our runs of the record were made without it
+    assert list(parity.reusable_figures(args)) == ["official"]
+    args.ours_flags = ""
 
     short = dict(record, raw={"ours": {"0": {"epochs": record["raw"]["ours"]["0"]["epochs"][:1], "knn_top1": {}}}})
     path = tmp_path / "short.json"

@@ -63,12 +63,14 @@ def build_dataset(args):
                                 args.global_crops_number, args.local_crops_number, args.global_crops_size,
                                 args.local_crops_size, blur_radius_scale=args.blur_radius_scale,
                                 color_jitter_scale=args.color_jitter_scale)
+    per_sample = getattr(args, "sample_seeding", True)  # absent from the args of older checkpoints
     try:
         return ImageFolderMask(args.data_path, transform=transform, patch_size=mask_cell_size(args),
                                pred_ratio=args.pred_ratio, pred_ratio_var=args.pred_ratio_var,
                                pred_aspect_ratio=(0.3, 1 / 0.3), pred_shape=args.pred_shape,
                                pred_start_epoch=args.pred_start_epoch,
-                               mask_crops=args.global_crops_number, seed=args.seed,
+                               mask_crops=args.global_crops_number if per_sample else None,
+                               seed=args.seed if per_sample else None,
                                skip_bad_images=args.skip_bad_images)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(str(err)) from None
@@ -80,11 +82,15 @@ def build_data_loader(dataset, args, ctx):
     batches) and loader. The loader has its own generator (reseeded per epoch): its per-epoch worker base
     seed is then not drawn from the global torch RNG, which stays reserved for the training step
     (drop-path) and so is exactly restorable on resume; crops and masks are seeded per sample anyway.
+    ``--sample_seeding false`` drops that generator too (the official loader: worker seeds from the
+    global torch RNG).
     """
     sampler = ResumableSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True)
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
                                          num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda",
-                                         drop_last=True, generator=torch.Generator().manual_seed(args.seed))
+                                         drop_last=True,
+                                         generator=torch.Generator().manual_seed(args.seed)
+                                         if getattr(args, "sample_seeding", True) else None)
     if len(loader) == 0:
         raise ConfigError(f"--data_path {args.data_path} holds {len(dataset)} images, fewer than one batch "
                           f"({args.batch_size_per_gpu} per process × {ctx.world_size} processes); "
@@ -427,7 +433,8 @@ def train_ibot(args):
                 checkpointer.epoch = epoch
                 sampler.set_epoch(epoch)
                 dataset.set_epoch(epoch)
-                data_loader.generator.manual_seed(args.seed * 1000003 + epoch)
+                if data_loader.generator is not None:
+                    data_loader.generator.manual_seed(args.seed * 1000003 + epoch)
                 if epoch == start_epoch and start_iter:
                     loader.skip(start_iter)
                 try:

@@ -109,6 +109,12 @@ def get_args_parser():
     parser.add_argument("--train_step", default="fast", choices=["fast", "reference"],
                         help="fast: heads on [CLS] and masked tokens only, no per-step host sync (same loss); "
                              "reference: the official computation.")
+    parser.add_argument("--sample_seeding", default=True, type=bool_flag,
+                        help="true: the crops and masks of a sample are drawn from RNGs seeded by (seed, epoch, "
+                             "index), masks for the global crops only (independent of --num_workers, exact "
+                             "resume). false: the official streams: the loader workers' global RNGs (worker "
+                             "seeds drawn from the global torch RNG every epoch) and masks for every crop; "
+                             "same distribution, other draws, and a resumed run no longer repeats them.")
     parser.add_argument("--center2_tokens", default="all", choices=["all", "masked"],
                         help="Teacher patch centre over all patch tokens (official) or masked ones only (DINOv2).")
     parser.add_argument("--grad_checkpointing", default=False, type=bool_flag,
