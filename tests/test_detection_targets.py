@@ -73,6 +73,32 @@ def test_rpn_border_rule_and_unrounded_anchors():
     torch.testing.assert_close(gen.cell_anchors[0][0], torch.tensor([-w, -w / 2, w, w / 2]))
 
 
+def test_rpn_losses_are_zero_when_no_anchor_is_labelled():
+    """A 16-px image: every 16-px anchor of the one stride-8 level crosses the border (mmdet: x2 < W),
+    so nothing is sampled; mmdet's losses are then 0 (sum / (avg_factor + eps)), torchvision's own
+    division by the sample count gives NaN. One pixel more and the centre anchor is sampled."""
+    from torchvision.models.detection.image_list import ImageList
+    from ibot.detection.rpn import build_rpn
+    torch.manual_seed(0)
+    rpn = build_rpn(4, anchor_scale=2.0, ratios=(0.5, 1.0, 2.0), strides=(8,), train_pre_nms=10,
+                    train_post_nms=10)
+    rpn.train()
+    feats = {"0": torch.randn(1, 4, 2, 2, requires_grad=True)}
+    images = ImageList(torch.zeros(1, 3, 16, 16), [(16, 16)])
+    targets = [{"boxes": torch.tensor([[2.0, 2.0, 12.0, 13.0]]), "image_size": torch.tensor([16, 16])}]
+    anchors = rpn.anchor_generator(images, list(feats.values()))
+    labels, _ = rpn.assign_targets_to_anchors(anchors, targets)
+    assert (labels[0] == -1).all()
+    _, losses = rpn(images, feats, targets)
+    assert losses["loss_objectness"].item() == 0.0 and losses["loss_rpn_box_reg"].item() == 0.0
+    (losses["loss_objectness"] + losses["loss_rpn_box_reg"]).backward()
+    assert torch.equal(feats["0"].grad, torch.zeros_like(feats["0"]))
+    images = ImageList(torch.zeros(1, 3, 24, 24), [(17, 17)])
+    targets[0]["image_size"] = torch.tensor([17, 17])                  # [0, 0, 16, 16] is inside now
+    _, losses = rpn(images, feats, targets)
+    assert losses["loss_objectness"].item() > 0
+
+
 def test_stage_sampling_uses_the_stage_iou():
     heads = _heads(num_classes=4, num_samples=16, pos_fraction=1.0)
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])

@@ -5,7 +5,10 @@ NMS per level, top-n) and its losses (sigmoid cross-entropy and smooth-L1 with b
 divided by the number of sampled anchors). Two mmdet rules differ and are added here:
 
 * ``allowed_border=0``: anchors that leave the (unpadded) image get no label in training;
-* low-quality matches need an IoU of at least ``min_pos_iou`` (0.3), where torchvision takes any.
+* low-quality matches need an IoU of at least ``min_pos_iou`` (0.3), where torchvision takes any;
+* a batch in which no anchor gets a label (small images, where every anchor crosses the border)
+  has zero losses, as mmdet's ``avg_factor + eps`` division gives; torchvision divides by zero
+  there (NaN).
 
 The anchor generator keeps mmdet's unrounded base anchors (torchvision rounds them to integers).
 """
@@ -85,6 +88,13 @@ class MMDetRPN(RegionProposalNetwork):
                 matched.append(torch.zeros_like(anchors_i))
             labels.append(label)
         return labels, matched
+
+    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        """torchvision's losses; zero (still in the graph) when no anchor of the batch is sampled."""
+        if not any(bool((label >= 0).any()) for label in labels):
+            zero = objectness.sum() * 0.0 + pred_bbox_deltas.sum() * 0.0
+            return zero, zero.clone()
+        return super().compute_loss(objectness, pred_bbox_deltas, labels, regression_targets)
 
 
 def build_rpn(in_channels: int, anchor_scale: float, ratios: Sequence[float], strides: Sequence[int],
