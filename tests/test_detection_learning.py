@@ -1,13 +1,19 @@
-"""Detection learning outcome on the Fashion-MNIST COCO set (one garment of 28-40 px per 64-px canvas).
+"""Detection learning outcome: the pre-trained Fashion-MNIST teacher against a random backbone.
 
-A few hundred CPU iterations of the detector on the pre-trained Fashion-MNIST teacher must lift the
-box and mask AP far above the same detector before training (the baseline measured in the same
-test). The detector is the lighter ``--detector mask_rcnn`` option (one stage of the cascade's heads)
-with ``--layer_decay 0.3`` (the ViT nearly frozen), so that the run fits the CI budget; the cascade
-itself is covered by the hand-computed tests and the resume test.
+The data is the Fashion-MNIST COCO set with one garment of 24-32 px per 32-px canvas (the frame the
+teacher was pre-trained on; every 25th canvas empty), 400 training / 200 validation canvases, tested
+at their own size (``--img_scale 32``, backbone grid 4 x 4 as in pre-training). The same detector is
+trained twice with the same seed, on the session's pre-trained teacher and on a randomly initialised
+ViT; the seed fixes the heads' initialisation and the data order, so the two runs differ only in the
+backbone. The backbone is frozen (``--frozen_stages 12``, the probe protocol of the segmentation test:
+pyramid, FPN, RPN and heads train), which makes an iteration cheaper on the CPU and lets the
+comparison measure the features. The detector is the lighter ``--detector mask_rcnn`` option; the
+cascade itself is covered by the hand-computed tests and the resume test.
 
-The teacher-versus-random-backbone comparison of the issue is NOT asserted: at this budget the
-difference is within the seed-to-seed spread (measured figures in docs/object_detection.md).
+Measured (docs/object_detection.md, "the pre-trained teacher against a random backbone"): after
+1200 iterations, paired by seed, the teacher is ahead on box AP in every one of five seeds (+0.7 to
++3.5) and on mask AP in every one (+1.5 to +2.4); this test runs seed 0 (box AP 35.1 vs 32.9). Fewer
+iterations leave the heads far from converged and the pairs' sign to chance (same document).
 """
 import os
 
@@ -15,21 +21,24 @@ import pytest
 import torch
 
 from ibot.data.fmnist_coco import build_fmnist_coco
+from repo_files import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "evaluation", "object_detection", "train.py")
-ITERS = 200     # iterations of 2 canvases (150 gave box AP +2.4, too close to the +2 asserted)
+TRAIN = os.path.join(REPO, "evaluation", "object_detection", "train.py")
+ITERS = 1200         # iterations of 2 canvases (frozen backbone: about 100 s per run on one core)
+SEED = 0
+DATA = dict(num_train=400, num_val=200, canvas=32, min_size=24, max_size=32, max_objects=1, seed=0)
 
 
-def _train(data, out, weights, iters):
+def _train(data, out, weights, iters, seed):
     import runpy
     threads, saved = torch.get_num_threads(), os.environ.get("CUDA_VISIBLE_DEVICES")
     torch.set_num_threads(1)
     try:
         ns = runpy.run_path(TRAIN)
         argv = ["--preset", "fmnist_tiny", "--data_path", data, "--output_dir", out, "--max_iters", str(iters),
-                "--eval_every", str(max(iters, 1)), "--use_cuda", "false", "--num_workers", "0", "--num_vis", "4",
-                "--print_freq", "50", "--detector", "mask_rcnn", "--layer_decay", "0.3",
+                "--eval_every", str(iters), "--use_cuda", "false", "--num_workers", "0", "--num_vis", "4",
+                "--print_freq", "200", "--detector", "mask_rcnn", "--frozen_stages", "12", "--seed", str(seed),
+                "--img_scale", "32", "--backbone_img_size", "32", "32",
                 "--pretrained_weights", weights, "--checkpoint_key", "teacher"]
         metrics = ns["main"](ns["get_args_parser"]().parse_args(argv))
     finally:
@@ -42,15 +51,17 @@ def _train(data, out, weights, iters):
 
 
 @pytest.mark.slow
-def test_detector_learns_on_the_pretrained_teacher(fmnist_teacher, tmp_path):
+def test_pretrained_teacher_beats_random_backbone(fmnist_teacher, tmp_path):
     assert (fmnist_teacher.arch, fmnist_teacher.patch_size) == ("vit_tiny", 8)
     data = str(tmp_path / "fmnist_coco")
-    build_fmnist_coco(data, num_train=400, num_val=50, canvas=64, min_size=28, max_size=40, max_objects=1,
-                      seed=0)
-    before = _train(data, str(tmp_path / "untrained"), fmnist_teacher.checkpoint, 0)
-    after = _train(data, str(tmp_path / "trained"), fmnist_teacher.checkpoint, ITERS)
-    print(f"before training: {before}; after {ITERS} iterations: {after}")
-    assert after["bbox_AP50"] >= before["bbox_AP50"] + 5, (before, after)
-    assert after["bbox_AP"] >= before["bbox_AP"] + 2, (before, after)
-    assert after["segm_AP50"] >= before["segm_AP50"] + 5, (before, after)
-    assert os.path.getsize(tmp_path / "trained" / "predictions.png") > 1000
+    build_fmnist_coco(data, **DATA)
+    teacher = _train(data, str(tmp_path / "teacher"), fmnist_teacher.checkpoint, ITERS, SEED)
+    random_init = _train(data, str(tmp_path / "random"), "", ITERS, SEED)
+    box, mask = (teacher[f"{t}_AP"] - random_init[f"{t}_AP"] for t in ("bbox", "segm"))
+    print(f"seed {SEED}, {ITERS} iterations: teacher {teacher}; random backbone {random_init}; "
+          f"margins box AP {box:+.2f}, mask AP {mask:+.2f}")
+    # both learn: far above an untrained detector (box AP50 below 2 on these sets)
+    assert min(teacher["bbox_AP50"], random_init["bbox_AP50"]) > 20, (teacher, random_init)
+    assert box > 0 and mask > 0, (teacher, random_init)
+    assert (box + mask) / 2 > 1.0, (teacher, random_init)
+    assert os.path.getsize(tmp_path / "teacher" / "predictions.png") > 1000

@@ -78,7 +78,8 @@ def build_detector(cfg, num_classes: int) -> Detector:
     """
     backbone = DenseViT(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.backbone_img_size,
                         out_indices=cfg.out_indices, out_with_norm=cfg.out_with_norm,
-                        drop_path_rate=cfg.drop_path, use_checkpoint=cfg.use_checkpoint)
+                        drop_path_rate=cfg.drop_path, use_checkpoint=cfg.use_checkpoint,
+                        frozen_stages=cfg.frozen_stages)
     neck = _xavier_fpn(FeaturePyramidNetwork(list(backbone.out_channels), cfg.fpn_channels,
                                              extra_blocks=LastLevelMaxPool()))
     rpn = build_rpn(cfg.fpn_channels, cfg.anchor_scale, cfg.anchor_ratios, cfg.anchor_strides,

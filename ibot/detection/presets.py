@@ -31,6 +31,7 @@ class DetectionConfig:
     out_with_norm: bool = False
     drop_path: float = 0.1
     use_checkpoint: bool = False
+    frozen_stages: int = -1          # -1 trains the whole backbone (official); k freezes patch embed + k blocks
     detector: str = "cascade_mask_rcnn"
     fpn_channels: int = 256
     anchor_scale: float = 8.0

@@ -49,7 +49,7 @@ __all__ = ["add_common_args", "add_train_args", "config_from_args", "lr_factor",
            "evaluate", "draw_predictions"]
 
 _OVERRIDES = ("arch", "patch_size", "batch_size_per_gpu", "img_scale", "detector", "lr", "layer_decay",
-              "drop_path", "use_checkpoint", "amp", "epochs", "backbone_img_size")
+              "drop_path", "use_checkpoint", "amp", "epochs", "backbone_img_size", "frozen_stages")
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -84,6 +84,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--layer_decay", default=None, type=float)
     parser.add_argument("--drop_path", default=None, type=float)
     parser.add_argument("--use_checkpoint", default=None, type=bool_flag, help="activation checkpointing")
+    parser.add_argument("--frozen_stages", default=None, type=int,
+                        help="-1 (official): train the whole backbone; k in 0..depth: freeze the patch embedding "
+                             "and the first k blocks (depth: a frozen backbone, only pyramid, FPN and heads train)")
     parser.add_argument("--backbone_img_size", default=None, type=int, nargs=2, metavar=("H", "W"),
                         help="grid of the backbone's position embedding (official: 800 1008 for ViT-S)")
     parser.add_argument("--auto_resume", default=False, type=bool_flag, help="resume from output_dir/checkpoint.pth")
