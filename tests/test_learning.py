@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from parallel_runs import run_side_by_side
 from tiny_models import tiny_pretrain_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,13 +100,23 @@ def test_fmnist_demo_writes_curve_and_summary(fmnist_folder, tmp_path):
 LINEAR_MARGIN = 3.0
 
 
+def _linear_probe(data, weights, out):
+    """Top-1 of a 2-epoch linear probe (eval_linear.py) on the last block's [CLS] of ``weights`` ('' = random)."""
+    from evaluation import eval_linear
+    args = eval_linear.get_args_parser().parse_args(
+        ["--data_path", data, "--arch", "vit_tiny", "--patch_size", "8", "--resize_size", "32",
+         "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "128", "--epochs", "2",
+         "--lr", "1.0", "--n_last_blocks", "1", "--avgpool_patchtokens", "0",
+         "--pretrained_weights", weights, "--output_dir", out])
+    return eval_linear.main(args)["teacher"]["best_acc"]
+
+
 @pytest.mark.slow
 @pytest.mark.learning
 def test_small_image_recipe_learns(fmnist_teacher, tmp_path):
     """The small-image recipe (ibot.demo.SMALL_IMAGE_RECIPE), CI-sized (the session's ``fmnist_teacher``:
     3 epochs), lifts the teacher's k-NN (k=20) at least 5 points above the random initialisation
     measured here, and its linear probe clearly above random init's (issue #3)."""
-    from evaluation import eval_linear
     from evaluation.eval_knn import knn_for_checkpoint
     fmnist_300 = fmnist_teacher.data
     ckpt = fmnist_teacher.checkpoint
@@ -115,13 +126,7 @@ def test_small_image_recipe_learns(fmnist_teacher, tmp_path):
     print(f"k-NN top-1 (k=20): teacher {teacher}, random init {random_init}")
     assert teacher >= random_init + 5.0, (teacher, random_init)
 
-    def probe(weights, name):
-        args = eval_linear.get_args_parser().parse_args(
-            ["--data_path", fmnist_300, "--arch", "vit_tiny", "--patch_size", "8", "--resize_size", "32",
-             "--crop_size", "32", "--num_workers", "0", "--batch_size_per_gpu", "128", "--epochs", "2",
-             "--lr", "1.0", "--n_last_blocks", "1", "--avgpool_patchtokens", "0",
-             "--pretrained_weights", weights, "--output_dir", str(tmp_path / name)])
-        return eval_linear.main(args)["teacher"]["best_acc"]
-    trained_lin, random_lin = probe(ckpt, "lin_trained"), probe("", "lin_random")
+    trained_lin, random_lin = run_side_by_side(_linear_probe, [(fmnist_300, ckpt, str(tmp_path / "lin_trained")),
+                                                               (fmnist_300, "", str(tmp_path / "lin_random"))])
     print(f"linear probe top-1: teacher {trained_lin}, random init {random_lin}")
     assert trained_lin >= random_lin + LINEAR_MARGIN, (trained_lin, random_lin)

@@ -10,6 +10,7 @@ import torch
 from ibot.data.fmnist_ade20k import NUM_SEG_CLASSES, build_fmnist_ade20k
 from ibot.eval.weights import PretrainedWeightsError
 from ibot.utils.checkpoint import safe_load
+from parallel_runs import run_side_by_side
 from repo_files import load_repo_file
 
 
@@ -119,13 +120,15 @@ def test_linear_protocol_on_pretrained_teacher_beats_random_backbone(fmnist_teac
     args = ["--max_iters", "150", "--batch_size_per_gpu", "16", "--lr", "1e-2", "--warmup_iters", "5",
             "--checkpoint_interval", "1000", "--eval_interval", "1000", "--print_freq", "50",
             "--out_with_norm", "true", "--crop_size", "32", "--num_panel", "0"]
+    runs = [(name, seed, weights) for seed in ("0", "1")
+            for name, weights in (("teacher", fmnist_teacher.checkpoint), ("random", ""))]
+    calls = [("train.py", _common(learn_ade, tmp_path / f"{name}{seed}", "linear/vit_small_512",
+                                  args + ["--seed", seed, "--pretrained_weights", weights, "--checkpoint_key", "teacher"]))
+             for name, seed, weights in runs]
+    results = run_side_by_side(_run, calls)      # one thread per run, two runs at a time
     scores = {"teacher": [], "random": []}
-    for seed in ("0", "1"):
-        for name, weights in (("teacher", fmnist_teacher.checkpoint), ("random", "")):
-            out = tmp_path / f"{name}{seed}"
-            metrics = _run("train.py", _common(learn_ade, out, "linear/vit_small_512", args + [
-                "--seed", seed, "--pretrained_weights", weights, "--checkpoint_key", "teacher"]))
-            scores[name].append(metrics["mIoU"])
+    for (name, _, _), metrics in zip(runs, results):
+        scores[name].append(metrics["mIoU"])
     teacher, random = (sum(v) / len(v) for v in (scores["teacher"], scores["random"]))
     paired = [t - r for t, r in zip(scores["teacher"], scores["random"])]
     with capsys.disabled():
