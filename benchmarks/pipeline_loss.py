@@ -85,16 +85,13 @@ def main(argv=None):
         if not os.path.isfile(path):
             raise SystemExit(f"{flag} {path}: no such file")
     from ibot.train.driver import build_dataset
+    from ibot.train.flags import complete_args
     from ibot.utils.checkpoint import safe_load
     ckpt = safe_load(a.checkpoint)
-    args = argparse.Namespace(**vars(ckpt["args"]))
-    args.data_path = a.data_path
-    for name, default in (("data_pipeline", "pil"), ("blur_radius_scale", 1.0), ("color_jitter_scale", 1.0),
-                          ("skip_bad_images", False), ("seed", a.seed)):
-        if not hasattr(args, name):  # an official checkpoint's args lack this repository's flags
-            setattr(args, name, default)
-    if not hasattr(args, "global_crops_size"):
+    args = argparse.Namespace(**{"seed": a.seed, **vars(ckpt["args"]), "data_path": a.data_path})
+    if not hasattr(args, "global_crops_size"):  # the official harness names them global_size / local_size
         args.global_crops_size, args.local_crops_size = args.global_size, args.local_size
+    args = complete_args(args)  # an official checkpoint's args lack this repository's other flags
     student, teacher = load_networks(ckpt, args)
     ours = build_dataset(args)
     epoch = min(a.epoch if a.epoch is not None else int(ckpt["epoch"]) - 1, args.epochs - 1)

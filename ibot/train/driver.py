@@ -63,14 +63,13 @@ def build_dataset(args):
                                 args.global_crops_number, args.local_crops_number, args.global_crops_size,
                                 args.local_crops_size, blur_radius_scale=args.blur_radius_scale,
                                 color_jitter_scale=args.color_jitter_scale)
-    per_sample = getattr(args, "sample_seeding", True)  # absent from the args of older checkpoints
     try:
         return ImageFolderMask(args.data_path, transform=transform, patch_size=mask_cell_size(args),
                                pred_ratio=args.pred_ratio, pred_ratio_var=args.pred_ratio_var,
                                pred_aspect_ratio=(0.3, 1 / 0.3), pred_shape=args.pred_shape,
                                pred_start_epoch=args.pred_start_epoch,
-                               mask_crops=args.global_crops_number if per_sample else None,
-                               seed=args.seed if per_sample else None,
+                               mask_crops=args.global_crops_number if args.sample_seeding else None,
+                               seed=args.seed if args.sample_seeding else None,
                                skip_bad_images=args.skip_bad_images)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(str(err)) from None
@@ -90,7 +89,7 @@ def build_data_loader(dataset, args, ctx):
                                          num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda",
                                          drop_last=True,
                                          generator=torch.Generator().manual_seed(args.seed)
-                                         if getattr(args, "sample_seeding", True) else None)
+                                         if args.sample_seeding else None)
     if len(loader) == 0:
         raise ConfigError(f"--data_path {args.data_path} holds {len(dataset)} images, fewer than one batch "
                           f"({args.batch_size_per_gpu} per process × {ctx.world_size} processes); "
