@@ -19,7 +19,6 @@ iterations leave the heads far from converged and the pairs' sign to chance (sam
 import os
 
 import pytest
-import torch
 
 from ibot.data.fmnist_coco import build_fmnist_coco
 from parallel_runs import run_side_by_side
@@ -33,23 +32,16 @@ DATA = dict(num_train=400, num_val=200, canvas=32, min_size=24, max_size=32, max
 
 
 def _train(data, out, weights, iters, seed):
+    """Box and mask AP / AP50 (percent) after ``iters`` iterations; runs in a process of its own
+    (:func:`run_side_by_side`), which ``--use_cuda false`` may leave without CUDA."""
     import runpy
-    threads, saved = torch.get_num_threads(), os.environ.get("CUDA_VISIBLE_DEVICES")
-    torch.set_num_threads(1)
-    try:
-        ns = runpy.run_path(TRAIN)
-        argv = ["--preset", "fmnist_tiny", "--data_path", data, "--output_dir", out, "--max_iters", str(iters),
-                "--eval_every", str(iters), "--use_cuda", "false", "--num_workers", "0", "--num_vis", "4",
-                "--print_freq", "200", "--detector", "mask_rcnn", "--frozen_stages", "12", "--seed", str(seed),
-                "--img_scale", "32", "--backbone_img_size", "32", "32",
-                "--pretrained_weights", weights, "--checkpoint_key", "teacher"]
-        metrics = ns["main"](ns["get_args_parser"]().parse_args(argv))
-    finally:
-        torch.set_num_threads(threads)
-        if saved is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+    ns = runpy.run_path(TRAIN)
+    argv = ["--preset", "fmnist_tiny", "--data_path", data, "--output_dir", out, "--max_iters", str(iters),
+            "--eval_every", str(iters), "--use_cuda", "false", "--num_workers", "0", "--num_vis", "4",
+            "--print_freq", "200", "--detector", "mask_rcnn", "--frozen_stages", "12", "--seed", str(seed),
+            "--img_scale", "32", "--backbone_img_size", "32", "32",
+            "--pretrained_weights", weights, "--checkpoint_key", "teacher"]
+    metrics = ns["main"](ns["get_args_parser"]().parse_args(argv))
     return {f"{t}_{k}": 100 * m["stats"][k] for t, m in metrics.items() for k in ("AP", "AP50")}
 
 

@@ -114,8 +114,7 @@ LINEAR_MARGIN_MEAN = 1.5
 
 
 @pytest.mark.slow
-def test_linear_protocol_on_pretrained_teacher_beats_random_backbone(fmnist_teacher, learn_ade, tmp_path,
-                                                                     one_thread, capsys):
+def test_linear_protocol_on_pretrained_teacher_beats_random_backbone(fmnist_teacher, learn_ade, tmp_path, capsys):
     # 32-px crops: the teacher's training resolution (4 x 4 patches); README linear override out_with_norm
     args = ["--max_iters", "150", "--batch_size_per_gpu", "16", "--lr", "1e-2", "--warmup_iters", "5",
             "--checkpoint_interval", "1000", "--eval_interval", "1000", "--print_freq", "50",
